@@ -1,0 +1,1 @@
+"""sslx: self-supervised visual representation learning in JAX/Flax."""
