@@ -1,0 +1,112 @@
+"""The config keys every sslx run understands, their defaults, and their validation.
+
+Run configs in ``configs/`` start from `pretrain_config()` and override values; the dict is locked, so a
+typo in a config file or in a ``--config.key=value`` override is an error naming the key instead of a
+silently ignored setting.
+"""
+from __future__ import annotations
+
+import jax
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def _data_defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      source="idx",                 # 'idx' | 'tfds' | 'synthetic'
+      dataset="fashion_mnist",      # TFDS name for source='tfds' (e.g. 'imagenet2012')
+      data_dir=placeholder(str),  # None = the source's default place
+      split="train",
+      eval_split="test",
+      image_size=28,
+      channels=1,
+      mean=(0.2860,),
+      std=(0.3530,),
+      augment=dict(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", hflip=True),
+      num_workers=0,                # grain worker processes; 0 = decode in the main process
+      prefetch=2,
+  ))
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  """Defaults for a pretraining run (values of the MAE recipe where a method needs one)."""
+  config = ml_collections.ConfigDict()
+  config.task = "pretrain"
+  config.seed = 0
+  config.batch_size = 4096          # global, over all devices and processes
+  config.num_epochs = 800
+  config.total_steps = placeholder(int)  # overrides num_epochs when set
+
+  config.model = ml_collections.ConfigDict(dict(
+      variant="B/16",
+      width=placeholder(int),    # None: from the variant
+      depth=placeholder(int),
+      num_heads=placeholder(int),
+      mlp_dim=placeholder(int),
+      pos_embed="sincos",
+      pooling="cls",
+      drop_path_rate=0.0,
+      layer_norm_eps=1e-6,
+      dtype="auto",                 # 'auto': bfloat16 on accelerators, float32 on CPU
+      decoder=dict(width=512, depth=8, num_heads=16, mlp_dim=2048),
+  ))
+  config.method = ml_collections.ConfigDict(dict(name="mae", mask_ratio=0.75, norm_pix_loss=True))
+  config.data = _data_defaults()
+
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw",
+      base_lr=1.5e-4,               # lr = base_lr * batch_size / lr_batch_base
+      lr_batch_base=256,
+      b1=0.9,
+      b2=0.95,
+      weight_decay=0.05,            # not applied to biases, norms, tokens and position embeddings
+      grad_clip_norm=placeholder(float),
+  ))
+  config.schedule = ml_collections.ConfigDict(dict(warmup_epochs=40.0, min_lr=0.0))
+  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
+  config.parallel = ml_collections.ConfigDict(dict(fsdp=1))
+  config.log_every_steps = 50
+  config.viz_every_steps = 2000
+  config.viz_num_images = 8
+  return config
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks a run config so unknown keys raise; call at the end of every ``get_config``."""
+  config.lock()
+  return config
+
+
+TASKS = ("pretrain",)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming the offending key before anything is built or compiled."""
+  from sslx import methods  # pylint: disable=g-import-not-at-top  (methods import models; keep config light)
+  from sslx.data import pipeline  # pylint: disable=g-import-not-at-top
+  from sslx.models import vit  # pylint: disable=g-import-not-at-top
+
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r} is not one of {TASKS}")
+  if config.method.name not in methods.known_methods():
+    raise ValueError(f"config.method.name={config.method.name!r} is not one of {methods.known_methods()}")
+  if "mask_ratio" in config.method and not 0.0 < config.method.mask_ratio < 1.0:
+    raise ValueError(f"config.method.mask_ratio={config.method.mask_ratio} must lie strictly between 0 and 1")
+  patch = vit.parse_variant(config.model.variant)["patch_size"]
+  if config.data.image_size % patch:
+    raise ValueError(f"config.data.image_size={config.data.image_size} is not divisible by the patch size "
+                     f"{patch} of config.model.variant={config.model.variant!r}")
+  num_devices, num_processes = jax.device_count(), jax.process_count()
+  if config.batch_size <= 0 or config.batch_size % num_devices or config.batch_size % num_processes:
+    raise ValueError(f"config.batch_size={config.batch_size} must be a positive multiple of the device count "
+                     f"({num_devices}) and of the process count ({num_processes})")
+  if config.optimizer.name != "adamw":
+    raise ValueError(f"config.optimizer.name={config.optimizer.name!r}: only 'adamw' is implemented")
+  for key in ("log_every_steps", "viz_every_steps"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key}={config[key]} must be positive")
+  if config.checkpoint.every_steps <= 0 or config.checkpoint.max_to_keep <= 0:
+    raise ValueError("config.checkpoint.every_steps and config.checkpoint.max_to_keep must be positive")
+  if config.total_steps is not None and config.total_steps <= 0:
+    raise ValueError(f"config.total_steps={config.total_steps} must be positive")
+  pipeline.validate_data_config(config.data)

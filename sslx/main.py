@@ -1,0 +1,37 @@
+"""Command-line entry point.
+
+    python -m sslx.main --config=configs/mae_vitb.py --workdir=runs/mae_vitb [--config.batch_size=1024 ...]
+
+Running the same command again resumes from the newest checkpoint in ``--workdir``.
+"""
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from sslx import parallel
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<file>.py[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and pictures go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _tasks():
+  from sslx import train  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  return {"pretrain": train.pretrain}
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  parallel.maybe_initialize_distributed()
+  config = _CONFIG.value
+  tasks = _tasks()
+  if config.task not in tasks:
+    raise app.UsageError(f"config.task={config.task!r} is not one of {sorted(tasks)}")
+  tasks[config.task](config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

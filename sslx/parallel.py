@@ -1,0 +1,72 @@
+"""Device mesh, logical-axis sharding rules and host-to-global batch assembly.
+
+Every array in a run is placed by a `NamedSharding` over one 2-D mesh with axes ``('data', 'fsdp')``:
+the batch is split over both axes; parameters are replicated (pure data parallel) unless
+``config.parallel.fsdp > 1``, in which case the logical axis ``'embed'`` of every parameter is split over
+the ``'fsdp'`` axis (ZeRO-3 / FSDP style). Models name their parameter axes with
+``nn.with_logical_partitioning``; the mapping from logical names to mesh axes lives only here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXES = ("data", "fsdp")
+
+# Logical parameter axis names used by sslx models, and where each goes on the mesh.
+_REPLICATED_RULES = (("embed", None), ("mlp", None), ("heads", None), ("head_dim", None), ("patch", None))
+_FSDP_RULES = (("embed", "fsdp"), ("mlp", None), ("heads", None), ("head_dim", None), ("patch", None))
+
+
+def maybe_initialize_distributed() -> None:
+  """Calls `jax.distributed.initialize()` when this process is one of several (pod slice, SLURM, MPI).
+
+  A single-process run skips it, so laptops and one-GPU machines need no coordinator.
+  """
+  multi_process_markers = (
+      int(os.environ.get("SLURM_NTASKS", "1")) > 1,
+      int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1,
+      "JAX_COORDINATOR_ADDRESS" in os.environ,
+      len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1,
+  )
+  if any(multi_process_markers):
+    jax.distributed.initialize()
+
+
+def create_mesh(fsdp: int = 1) -> Mesh:
+  """A ``('data', 'fsdp')`` mesh over all devices of all processes."""
+  num_devices = jax.device_count()
+  if fsdp < 1 or num_devices % fsdp:
+    raise ValueError(f"config.parallel.fsdp={fsdp} must be >= 1 and divide the device count {num_devices}")
+  # Auto axes: XLA's sharding propagation places intermediates; we only pin inputs, outputs and params.
+  auto = (jax.sharding.AxisType.Auto,) * len(DATA_AXES)
+  return jax.make_mesh((num_devices // fsdp, fsdp), DATA_AXES, axis_types=auto)
+
+
+def logical_axis_rules(fsdp: int) -> tuple[tuple[str, Any], ...]:
+  return _FSDP_RULES if fsdp > 1 else _REPLICATED_RULES
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over every device."""
+  return NamedSharding(mesh, P(DATA_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shardings_from_logical(boxed_abstract_tree: Any, mesh: Mesh, rules) -> Any:
+  """Maps a tree that may hold `nn.LogicallyPartitioned` leaves to `NamedSharding`s (unboxed structure)."""
+  logical_specs = nn.get_partition_spec(boxed_abstract_tree)
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
+  """Turns this process's slice of the batch (numpy) into globally sharded jax Arrays."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

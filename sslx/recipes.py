@@ -1,0 +1,45 @@
+"""Published training recipes shared by several run configs in ``configs/``."""
+from __future__ import annotations
+
+import ml_collections
+
+from sslx import config as config_lib
+from sslx.models import vit
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def mae_imagenet(variant: str, arg: str | None) -> ml_collections.ConfigDict:
+  """MAE pretraining on ImageNet-1k as in He et al. 2022 (Table 8 / the official repo's PRETRAIN.md).
+
+  Global batch 4096, AdamW (0.9, 0.95), weight decay 0.05, base lr 1.5e-4 scaled by batch/256, 40 warm-up
+  epochs then half-cosine, 800 epochs, mask ratio 0.75, normalised-pixel loss, random-resized-crop
+  scale (0.2, 1) bicubic + horizontal flip, decoder 512 wide and 8 deep.
+
+  ``arg='local'`` keeps the data and the model's width but shrinks depth, batch and steps so the config
+  runs in a minute on a CPU: a check of the set-up, not a recipe.
+  """
+  if arg not in (None, "", "local"):
+    raise ValueError(f"Unknown config argument {arg!r}: use nothing or ':local'")
+  config = config_lib.pretrain_config()
+  config.model.variant = variant
+  config.data.update(dict(
+      source="tfds", dataset="imagenet2012", split="train", eval_split="validation", image_size=224,
+      channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=16, prefetch=4))
+  config.batch_size = 4096
+  config.num_epochs = 800
+  config.schedule.warmup_epochs = 40.0
+  config.checkpoint.every_steps = 1000
+  config.log_every_steps = 100
+  config.viz_every_steps = 5000
+  if arg == "local":
+    config.model.depth = 2
+    config.model.decoder.update(dict(width=128, depth=1, num_heads=4, mlp_dim=512))
+    config.data.update(dict(image_size=4 * vit.parse_variant(variant)["patch_size"], num_workers=0, prefetch=1))
+    config.batch_size = 8
+    config.total_steps = 20
+    config.checkpoint.every_steps = 10
+    config.log_every_steps = 5
+    config.viz_every_steps = 10
+  return config_lib.finalize(config)
