@@ -14,9 +14,10 @@ import subprocess
 import sys
 import urllib.request
 
+from sslx.data.sources import FASHION_MNIST_DIRS
+
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", os.path.expanduser("~/.cache/sslx/fashion-mnist"))
 _FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
 
