@@ -23,6 +23,9 @@ def _data_defaults() -> ml_collections.ConfigDict:
       mean=(0.2860,),
       std=(0.3530,),
       augment=dict(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", hflip=True),
+      eval_crop_fraction=0.875,     # evaluation: resize to image_size / fraction, centre-crop image_size
+      synthetic_num_examples=10_000,
+      synthetic_image_size=placeholder(int),  # None: image_size
       num_workers=0,                # grain worker processes; 0 = decode in the main process
       prefetch=2,
   ))

@@ -18,7 +18,9 @@ def weight_decay_mask(params: Any) -> Any:
   """True where weight decay applies: matrices and kernels, never biases, norms, tokens or position tables."""
   def decays(path, leaf) -> bool:
     names = _path_names(path)
-    return leaf.ndim > 1 and not any(part in name for name in names for part in _NO_DECAY_NAME_PARTS)
+    if leaf.ndim <= 1 or names[-1] == "bias":  # a fused qkv bias is 3-D but still a bias
+      return False
+    return not any(part in name for name in names for part in _NO_DECAY_NAME_PARTS)
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

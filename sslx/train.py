@@ -39,7 +39,7 @@ class TrainState:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss or the gradient norm stopped being finite; the run stops and keeps its last good checkpoint."""
+  """Loss, gradients or parameters stopped being finite; the run stops and keeps its last good checkpoint."""
 
 
 def schedule_length(config, num_examples: int) -> tuple[int, int]:
@@ -58,10 +58,21 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     method_state = method.after_update(params, method_state, state.step)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    # param_norm is also the cheap way to learn that an update left a non-finite parameter behind.
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+               "param_norm": optax.tree.norm(params), "lr": schedule(state.step)}
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, method_state=method_state)
     return new_state, metrics
   return train_step
+
+
+def init_train_state(method: Method, tx: optax.GradientTransformation, rng, image_shape) -> TrainState:
+  """A fresh state; params may still carry logical-partitioning boxes (`nn.unbox` them to use directly)."""
+  init_rng, state_rng = jax.random.split(rng)
+  example = {"image": jnp.zeros((1, *image_shape), jnp.float32), "label": jnp.zeros((1,), jnp.int32)}
+  params, method_state = method.init(init_rng, example)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    method_state=method_state, rng=state_rng)
 
 
 def _abstract_with_shardings(abstract_boxed, shardings):
@@ -91,11 +102,7 @@ class _Run:
         async_save=config.checkpoint.async_save)
 
   def _init_fn(self, rng):
-    init_rng, state_rng = jax.random.split(rng)
-    example = {"image": jnp.zeros((1, *self.loader.image_shape), jnp.float32), "label": jnp.zeros((1,), jnp.int32)}
-    params, method_state = self.method.init(init_rng, example)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                      method_state=method_state, rng=state_rng)
+    return init_train_state(self.method, self.tx, rng, self.loader.image_shape)
 
   def initial_state(self) -> TrainState:
     """The latest checkpoint in the workdir if there is one (on this mesh), else a fresh init."""
@@ -116,8 +123,9 @@ class _Run:
 
 def _check_finite(step_metrics: list[tuple[int, dict]], checkpointer) -> None:
   for step, values in step_metrics:
-    for name in ("loss", "grad_norm"):
+    for name in ("loss", "grad_norm", "param_norm"):
       if not math.isfinite(float(values[name])):
+        checkpointer.close()  # finish the saves in flight: they hold good states
         kept = checkpointer.all_steps()
         raise NonFiniteLossError(
             f"{name} = {float(values[name])} at step {step}; stopping. Kept checkpoints: "
@@ -131,8 +139,8 @@ def _mean_metrics(step_metrics: list[tuple[int, dict]]) -> dict[str, float]:
   return scalars
 
 
-def pretrain(config, workdir: str) -> dict[str, float]:
-  """Runs (or resumes) pretraining in ``workdir``; returns the last logged metrics."""
+def pretrain(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
+  """Runs (or resumes) pretraining in ``workdir``; returns the final state and the last logged metrics."""
   run = _Run(config, workdir)
   cfg = run.config
   state = run.initial_state()
@@ -195,7 +203,7 @@ def pretrain(config, workdir: str) -> dict[str, float]:
     print(f"done: step {int(state.step)} | loss {last_scalars.get('loss', float('nan')):.4f} | "
           f"checkpoints in {run.checkpointer.directory} | pictures in {os.path.join(workdir, 'pictures')}",
           flush=True)
-  return last_scalars
+  return state, last_scalars
 
 
 def _viz_batch(config) -> dict:

@@ -35,7 +35,7 @@ def test_weight_decay_mask_skips_biases_norms_tokens_and_position_tables():
       "cls_token": jnp.zeros((1, 1, 8)),
       "mask_token": jnp.zeros((1, 1, 8)),
       "pos_embed": jnp.zeros((1, 5, 8)),
-      "block_0": {"attn": {"kernel": jnp.zeros((8, 24)), "bias": jnp.zeros((24,))},
+      "block_0": {"attn": {"kernel": jnp.zeros((8, 3, 2, 4)), "bias": jnp.zeros((3, 2, 4))},
                   "norm": {"scale": jnp.zeros((8,)), "bias": jnp.zeros((8,))}},
       "patch_embed": {"kernel": jnp.zeros((4, 4, 1, 8)), "bias": jnp.zeros((8,))},
   }

@@ -1,0 +1,115 @@
+"""Masked autoencoder (He et al., 2022): reconstruct the pixels of randomly masked patches.
+
+The encoder sees only the visible patches (plus a class token); a lightweight decoder fills the masked
+positions with a shared mask token and predicts every patch; the loss counts masked patches only.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sslx import losses
+from sslx import masking
+from sslx.methods import Method
+from sslx.models import decoders
+from sslx.models import vit
+from sslx.models.patches import patchify
+from sslx.models.patches import unpatchify
+
+
+class MaskedAutoencoder(nn.Module):
+  """Encoder + decoder around random masking. Params: ``{'encoder': ..., 'decoder': ...}``."""
+  encoder: vit.VisionTransformer
+  decoder: decoders.MAEDecoder
+  mask_ratio: float = 0.75
+
+  @nn.compact
+  def __call__(self, images, *, train: bool, noise: Optional[jax.Array] = None):
+    """Masks, encodes and reconstructs.
+
+    Args:
+      images: ``(B, H, W, C)``.
+      train: training mode (drop path in the encoder; needs the ``'dropout'`` rng).
+      noise: optional ``(B, L)`` masking noise; drawn from the ``'masking'`` rng when ``None``.
+
+    Returns:
+      dict with ``pred`` ``(B, L, p*p*C)``, ``mask`` ``(B, L)`` (1 = masked), ``ids_restore`` and
+      ``ids_keep`` (see :func:`sslx.masking.random_masking`).
+    """
+    batch, height, width, _ = images.shape
+    p = self.encoder.patch_size
+    grid = (height // p, width // p)
+    if noise is None:
+      noise = masking.uniform_noise(self.make_rng("masking"), batch, grid[0] * grid[1])
+    ids_keep, mask, ids_restore = masking.random_masking(noise, self.mask_ratio)
+    _, aux = self.encoder(images, train=train, ids_keep=ids_keep)
+    tokens = jnp.concatenate([aux["cls_token"][:, None], aux["patch_tokens"]], axis=1)
+    pred = self.decoder(tokens, ids_restore, train=train, grid_hw=grid)
+    return dict(pred=pred, mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
+
+
+def model_from_config(config) -> MaskedAutoencoder:
+  """Builds the module from ``config.model``, ``config.method`` and ``config.data``.
+
+  Decoder dimensions come from ``config.model.decoder.{width,depth,num_heads,mlp_dim}`` (defaults: the
+  MAE paper's 512/8/16/2048); ``config.method.mask_ratio`` defaults to 0.75.
+  """
+  encoder = vit.encoder_from_config(config.model)
+  size = config.data.image_size
+  if size % encoder.patch_size:
+    raise ValueError(f"config.data.image_size={size} is not divisible by the patch size "
+                     f"{encoder.patch_size} of variant {config.model.variant!r}.")
+  dec = config.model.get("decoder", {})
+  decoder = decoders.MAEDecoder(
+      patch_dim=encoder.patch_size ** 2 * int(config.data.channels),
+      width=int(dec.get("width", 512)),
+      depth=int(dec.get("depth", 8)),
+      num_heads=int(dec.get("num_heads", 16)),
+      mlp_dim=int(dec.get("mlp_dim", 2048)),
+      layer_norm_eps=encoder.layer_norm_eps,
+      dtype=encoder.dtype,
+      param_dtype=encoder.param_dtype)
+  return MaskedAutoencoder(encoder, decoder, float(config.method.get("mask_ratio", 0.75)))
+
+
+def build(config) -> Method:
+  """The MAE method bundle; ``config.method.norm_pix_loss`` (default True) picks the target."""
+  model = model_from_config(config)
+  patch_size = model.encoder.patch_size
+  norm_pix = bool(config.method.get("norm_pix_loss", True))
+
+  def init(rng, batch):
+    params_rng, masking_rng = jax.random.split(rng)
+    variables = model.init({"params": params_rng, "masking": masking_rng}, batch["image"], train=False)
+    return variables["params"], {}
+
+  def loss_fn(params, method_state, batch, rng):
+    masking_rng, dropout_rng = jax.random.split(rng)
+    images = batch["image"]
+    out = model.apply({"params": params}, images, train=True,
+                      rngs={"masking": masking_rng, "dropout": dropout_rng})
+    loss = losses.masked_reconstruction_loss(out["pred"], patchify(images, patch_size), out["mask"],
+                                             norm_pix=norm_pix)
+    return loss, ({"loss": loss}, method_state)
+
+  def visualize(params, method_state, batch, rng):
+    del method_state
+    images = jnp.asarray(batch["image"], jnp.float32)
+    out = model.apply({"params": params}, images, train=False, rngs={"masking": rng})
+    target = patchify(images, patch_size)
+    pred = out["pred"].astype(jnp.float32)
+    if norm_pix:
+      # Predictions live in each patch's standardised space; map them back with the true statistics.
+      _, mean, std = losses.normalize_patches(target)
+      pred = pred * std + mean
+    masked = out["mask"][..., None]
+    visible = target * (1.0 - masked)
+    image_hw = images.shape[1:3]
+    return dict(original=images,
+                masked=unpatchify(visible, patch_size, image_hw),
+                reconstruction=unpatchify(visible + pred * masked, patch_size, image_hw))
+
+  return Method(name="mae", num_views=1, init=init, loss_fn=loss_fn, visualize=visualize)

@@ -1,0 +1,258 @@
+"""Vision Transformer (ViT) encoder with the MAE / timm initialisation.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``) drawn only from
+``'embed'`` (model width), ``'mlp'`` (MLP hidden), ``'heads'``, ``'head_dim'`` and ``'patch'`` (patch pixel
+vector); ``sslx.parallel`` maps them onto the device mesh.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Dtype = Any
+
+VIT_VARIANTS = {
+    "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+    "H": dict(width=1280, depth=32, num_heads=16, mlp_dim=5120),
+}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# MAE initialises every linear layer (and the patch projection viewed as one) with xavier-uniform.
+# DenseGeneral hands its initializer the kernel flattened to (inputs, outputs), so this also gives the
+# fused qkv matrix the fans of a (D, 3D) linear layer.
+xavier_init = nn.initializers.xavier_uniform()
+_patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1)
+token_init = nn.initializers.normal(stddev=0.02)
+
+
+def parse_variant(variant: str) -> dict:
+  """Parses a variant string such as ``"B/16"`` into model dimensions.
+
+  Returns:
+    dict with ``width``, ``depth``, ``num_heads``, ``mlp_dim`` and ``patch_size``.
+  """
+  match = re.fullmatch(r"(\w+)/(\d+)", variant.strip()) if isinstance(variant, str) else None
+  if match is None or match.group(1) not in VIT_VARIANTS or int(match.group(2)) < 1:
+    raise ValueError(f"Unknown ViT variant {variant!r}: expected '<name>/<patch size>' with name one of "
+                     f"{list(VIT_VARIANTS)} and a positive patch size, e.g. 'B/16'.")
+  return dict(VIT_VARIANTS[match.group(1)], patch_size=int(match.group(2)))
+
+
+def resolve_dtype(name: str) -> Dtype:
+  """Maps ``'float32' | 'bfloat16' | 'float16' | 'auto'`` to a dtype.
+
+  ``'auto'`` is bfloat16 on accelerators and float32 on CPU, where bfloat16 matmuls are slow.
+  """
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  if name not in _DTYPES:
+    raise ValueError(f"Unknown dtype {name!r}; choose one of {[*_DTYPES, 'auto']}.")
+  return _DTYPES[name]
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: Union[int, Sequence[int]],
+                        cls_token: bool = False) -> np.ndarray:
+  """Fixed 2-D sine-cosine position table, laid out as in the reference MAE code.
+
+  For the patch in row ``r`` and column ``c`` (row-major order) the vector is
+  ``[sin(c w), cos(c w), sin(r w), cos(r w)]`` with ``w_k = 1 / 10000^(k / (D/4))``, ``k < D/4``: the
+  reference builds its grid with ``meshgrid(w, h)``, so the column encoding comes first.
+
+  Args:
+    embed_dim: ``D``, a multiple of 4.
+    grid_size: patch grid side, or ``(rows, cols)``.
+    cls_token: prepend a row of zeros for the class token.
+
+  Returns:
+    float32 array ``(rows * cols [+ 1], D)``.
+  """
+  if embed_dim % 4:
+    raise ValueError(f"Sine-cosine position embeddings need a width divisible by 4, got {embed_dim}.")
+  rows, cols = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+  quarter = embed_dim // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  row, col = np.meshgrid(np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64),
+                         indexing="ij")
+  col_angles = np.outer(col.reshape(-1), omega)
+  row_angles = np.outer(row.reshape(-1), omega)
+  table = np.concatenate([np.sin(col_angles), np.cos(col_angles), np.sin(row_angles),
+                          np.cos(row_angles)], axis=1)
+  if cls_token:
+    table = np.concatenate([np.zeros((1, embed_dim)), table], axis=0)
+  return table.astype(np.float32)
+
+
+def partitioned(init, names):
+  """Wraps an initializer so its parameter carries logical axis ``names``."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+  """LayerNorm over the model width (scale 1, bias 0)."""
+  # The two-pass variance stays accurate on a residual stream whose mean is large next to its spread.
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+                      scale_init=partitioned(nn.initializers.ones, ("embed",)),
+                      bias_init=partitioned(nn.initializers.zeros, ("embed",)), name=name)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused, biased qkv projection."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"Width {width} is not divisible by num_heads={self.num_heads}.")
+    head_dim = width // self.num_heads
+    qkv = nn.DenseGeneral(
+        (3, self.num_heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=partitioned(xavier_init, ("embed", None, "heads", "head_dim")),
+        bias_init=partitioned(nn.initializers.zeros, (None, "heads", "head_dim")), name="qkv")(x)
+    # (B, T, N, H) layout lets XLA pick cuDNN flash attention on GPU.
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    return nn.DenseGeneral(
+        width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=partitioned(xavier_init, ("heads", "head_dim", "embed")),
+        bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="proj")(out)
+
+
+class Mlp(nn.Module):
+  """Two-layer MLP with exact (erf) GELU."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=partitioned(xavier_init, ("embed", "mlp")),
+                 bias_init=partitioned(nn.initializers.zeros, ("mlp",)), name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=partitioned(xavier_init, ("mlp", "embed")),
+                    bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block with per-sample stochastic depth (drop path)."""
+  num_heads: int
+  mlp_dim: int
+  drop_path_rate: float = 0.0
+  layer_norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    # Dropout broadcast over every axis but the batch drops a sample's whole residual branch.
+    drop_path = nn.Dropout(self.drop_path_rate, broadcast_dims=tuple(range(1, x.ndim)),
+                           deterministic=not train)
+    y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")(x)
+    x = x + drop_path(Attention(self.num_heads, self.dtype, self.param_dtype, name="attn")(y))
+    y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")(x)
+    return x + drop_path(Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y))
+
+
+class VisionTransformer(nn.Module):
+  """ViT encoder returning ``(features, aux)``.
+
+  ``aux`` holds ``patch_tokens`` ``(B, L', D)``, ``cls_token`` ``(B, D)`` and ``pre_logits`` (= features),
+  all after the final LayerNorm. ``features`` is the class token (``pooling='cls'``) or the mean patch
+  token (``'gap'``).
+  """
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  pos_embed: str = "sincos"
+  pooling: str = "cls"
+  drop_path_rate: float = 0.0
+  layer_norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, *, train: bool, ids_keep: Optional[jax.Array] = None):
+    """Encodes images.
+
+    Args:
+      images: ``(B, H, W, C)``, H and W divisible by the patch size.
+      train: enables drop path (needs the ``'dropout'`` rng).
+      ids_keep: optional ``(B, L_keep)`` indices of the patches to encode (row-major patch order); the
+        others are dropped after the position embedding is added, as the MAE encoder does.
+    """
+    if self.pooling not in ("cls", "gap"):
+      raise ValueError(f"Unknown pooling {self.pooling!r}; choose 'cls' or 'gap'.")
+    batch, height, width, _ = images.shape
+    p = self.patch_size
+    if height % p or width % p:
+      raise ValueError(f"Image size {height}x{width} is not divisible by patch size {p}.")
+    grid = (height // p, width // p)
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                kernel_init=partitioned(_patch_init, (None, None, None, "embed")),
+                bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="patch_embed")(images)
+    x = jnp.reshape(x, (batch, grid[0] * grid[1], self.width))
+
+    if self.pos_embed == "sincos":
+      pos = jnp.asarray(sincos_pos_embed_2d(self.width, grid))
+    elif self.pos_embed == "learned":
+      pos = self.param("pos_embed", partitioned(token_init, (None, "embed")),
+                       (x.shape[1], self.width), self.param_dtype)
+    else:
+      raise ValueError(f"Unknown pos_embed {self.pos_embed!r}; choose 'sincos' or 'learned'.")
+    x = x + pos.astype(self.dtype)
+    if ids_keep is not None:
+      x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
+
+    # The class token's sincos row is zero, so the token needs no position term of its own.
+    cls = self.param("cls_token", partitioned(token_init, (None, None, "embed")), (1, 1, self.width),
+                     self.param_dtype)
+    cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.width))
+    x = jnp.concatenate([cls, x], axis=1)
+
+    # Stochastic depth grows linearly with depth, as in timm.
+    for i, rate in enumerate(np.linspace(0.0, self.drop_path_rate, self.depth)):
+      x = Block(self.num_heads, self.mlp_dim, float(rate), self.layer_norm_eps, self.dtype,
+                self.param_dtype, name=f"block_{i}")(x, train=train)
+    x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")(x)
+
+    cls_token, patch_tokens = x[:, 0], x[:, 1:]
+    features = cls_token if self.pooling == "cls" else jnp.mean(patch_tokens, axis=1)
+    return features, dict(patch_tokens=patch_tokens, cls_token=cls_token, pre_logits=features)
+
+
+def encoder_from_config(model_config) -> VisionTransformer:
+  """Builds the encoder described by ``config.model``.
+
+  Reads ``variant`` (e.g. ``'B/16'``) and the optional keys ``width``, ``depth``, ``num_heads``,
+  ``mlp_dim`` (``None`` or absent: from the variant), ``pos_embed`` (``'sincos'``), ``pooling``
+  (``'cls'``), ``drop_path_rate`` (0), ``layer_norm_eps`` (1e-6) and ``dtype`` (``'auto'``).
+  Parameters are always float32.
+  """
+  dims = parse_variant(model_config.variant)
+  for key in ("width", "depth", "num_heads", "mlp_dim"):
+    if model_config.get(key) is not None:
+      dims[key] = int(model_config.get(key))
+  return VisionTransformer(
+      **dims,
+      pos_embed=model_config.get("pos_embed", "sincos"),
+      pooling=model_config.get("pooling", "cls"),
+      drop_path_rate=float(model_config.get("drop_path_rate", 0.0)),
+      layer_norm_eps=float(model_config.get("layer_norm_eps", 1e-6)),
+      dtype=resolve_dtype(model_config.get("dtype", "auto")),
+      param_dtype=jnp.float32)

@@ -1,0 +1,204 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from sslx.models import vit
+from sslx.models.patches import patchify
+
+_ALLOWED_NAMES = {"embed", "mlp", "heads", "head_dim", "patch", None}
+
+
+def _tiny(**overrides):
+  kwargs = dict(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64)
+  kwargs.update(overrides)
+  return vit.VisionTransformer(**kwargs)
+
+
+def _images(batch=4, size=32, channels=3, seed=0):
+  return jnp.asarray(np.random.RandomState(seed).randn(batch, size, size, channels), jnp.float32)
+
+
+def _abstract_init(model, images):
+  return jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, images, train=False))["params"]
+
+
+@pytest.fixture(scope="module")
+def params():
+  """Parameters of `_tiny()`; the variants tested below (pooling, drop path, dtype) share its shapes."""
+  init = jax.jit(lambda key: _tiny().init({"params": key}, _images(), train=False))
+  return init(jax.random.key(0))["params"]
+
+
+def _boxes(tree):
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  return jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_box)
+
+
+# --- sincos position table -------------------------------------------------------------------------
+
+
+def _reference_sincos(dim, rows, cols):
+  """The MAE layout written out entry by entry: [sin(c w), cos(c w), sin(r w), cos(r w)]."""
+  quarter = dim // 4
+  table = np.zeros((rows * cols, dim))
+  for index in range(rows * cols):
+    r, c = divmod(index, cols)
+    for k in range(quarter):
+      omega = 1.0 / 10000 ** (k / quarter)
+      table[index, k] = math.sin(c * omega)
+      table[index, quarter + k] = math.cos(c * omega)
+      table[index, 2 * quarter + k] = math.sin(r * omega)
+      table[index, 3 * quarter + k] = math.cos(r * omega)
+  return table
+
+
+@pytest.mark.parametrize("dim,grid", [(16, 4), (32, (2, 3)), (8, 1)])
+def test_sincos_matches_formula(dim, grid):
+  rows, cols = (grid, grid) if isinstance(grid, int) else grid
+  table = vit.sincos_pos_embed_2d(dim, grid)
+  assert table.dtype == np.float32
+  np.testing.assert_allclose(table, _reference_sincos(dim, rows, cols), atol=1e-6)
+
+
+def test_sincos_cls_row_is_zero():
+  table = vit.sincos_pos_embed_2d(16, 3, cls_token=True)
+  assert table.shape == (10, 16)
+  np.testing.assert_array_equal(table[0], 0)
+  np.testing.assert_allclose(table[1:], vit.sincos_pos_embed_2d(16, 3))
+
+
+def test_sincos_rejects_width_not_multiple_of_4():
+  with pytest.raises(ValueError, match="divisible by 4"):
+    vit.sincos_pos_embed_2d(30, 4)
+
+
+# --- variants and dtypes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("Ti/16", (192, 12, 3, 16)), ("S/16", (384, 12, 6, 16)), ("B/16", (768, 12, 12, 16)),
+    ("L/16", (1024, 24, 16, 16)), ("H/14", (1280, 32, 16, 14)), ("Ti/4", (192, 12, 3, 4))])
+def test_parse_variant(variant, expected):
+  dims = vit.parse_variant(variant)
+  width, depth, heads, patch = expected
+  assert dims == dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width, patch_size=patch)
+
+
+@pytest.mark.parametrize("bad", ["X/16", "B16", "B/0", "b/16", "B/", "B/16/2", ""])
+def test_parse_variant_rejects_bad_strings(bad):
+  with pytest.raises(ValueError) as info:
+    vit.parse_variant(bad)
+  assert repr(bad) in str(info.value) and "Ti" in str(info.value)
+
+
+def test_resolve_dtype():
+  assert vit.resolve_dtype("float32") == jnp.float32
+  assert vit.resolve_dtype("bfloat16") == jnp.bfloat16
+  assert vit.resolve_dtype("float16") == jnp.float16
+  expected = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  assert vit.resolve_dtype("auto") == expected
+  with pytest.raises(ValueError, match="bf16"):
+    vit.resolve_dtype("bf16")
+
+
+# --- the encoder ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pooling", ["cls", "gap"])
+def test_output_shapes_and_aux(params, pooling):
+  features, aux = _tiny(pooling=pooling).apply({"params": params}, _images(), train=False)
+  assert set(aux) == {"patch_tokens", "cls_token", "pre_logits"}
+  assert aux["patch_tokens"].shape == (4, 16, 32)
+  assert aux["cls_token"].shape == features.shape == (4, 32)
+  np.testing.assert_array_equal(aux["pre_logits"], features)
+  expected = aux["cls_token"] if pooling == "cls" else jnp.mean(aux["patch_tokens"], axis=1)
+  np.testing.assert_allclose(features, expected, rtol=1e-6)
+
+
+def test_params_carry_only_known_logical_names():
+  abstract = _abstract_init(_tiny(pos_embed="learned"), _images())
+  boxes = _boxes(abstract)
+  assert boxes and all(isinstance(leaf, nn.LogicallyPartitioned) for _, leaf in boxes)
+  for path, leaf in boxes:
+    assert len(leaf.names) == len(leaf.value.shape), path
+    assert set(leaf.names) <= _ALLOWED_NAMES, path
+  assert nn.unbox(abstract)["pos_embed"].shape == (16, 32)
+
+
+def test_initialisation_follows_mae(params):
+  width, p, c, mlp_dim = 32, 8, 3, 64
+  params = nn.unbox(params)
+  block = params["block_0"]
+  # xavier-uniform bounds sqrt(6 / (fan_in + fan_out)); a fused (D, 3D) qkv and a (p*p*C, D) patch linear.
+  for kernel, bound in [(block["attn"]["qkv"]["kernel"], math.sqrt(6 / (width + 3 * width))),
+                        (params["patch_embed"]["kernel"], math.sqrt(6 / (p * p * c + width))),
+                        (block["mlp"]["fc1"]["kernel"], math.sqrt(6 / (width + mlp_dim)))]:
+    assert 0.9 * bound < float(jnp.max(jnp.abs(kernel))) <= bound
+  assert block["attn"]["qkv"]["kernel"].shape == (width, 3, 2, width // 2)
+  assert abs(float(jnp.std(params["cls_token"])) - 0.02) < 0.01
+  for leaf in (block["attn"]["qkv"]["bias"], block["mlp"]["fc2"]["bias"], block["norm1"]["bias"]):
+    np.testing.assert_array_equal(leaf, 0)
+  np.testing.assert_array_equal(params["norm"]["scale"], 1)
+
+
+def test_patch_embedding_is_linear_map_of_patchified_pixels(params):
+  images = _images()
+  _, state = _tiny().apply({"params": params}, images, train=False, capture_intermediates=True,
+                           mutable=["intermediates"])
+  conv_out = state["intermediates"]["patch_embed"]["__call__"][0].reshape(4, 16, 32)
+  kernel, bias = nn.unbox(params)["patch_embed"]["kernel"], nn.unbox(params)["patch_embed"]["bias"]
+  np.testing.assert_allclose(conv_out, patchify(images, 8) @ kernel.reshape(-1, 32) + bias, atol=1e-5)
+
+
+def test_eval_disables_drop_path_and_train_enables_it(params):
+  images = _images()
+
+  def run(model, train, seed):
+    return model.apply({"params": params}, images, train=train, rngs={"dropout": jax.random.key(seed)})[0]
+
+  dropping = _tiny(drop_path_rate=0.5)
+  eval_a = run(dropping, False, 1)
+  np.testing.assert_array_equal(eval_a, run(dropping, False, 2))
+  np.testing.assert_array_equal(eval_a, run(_tiny(), False, 1))
+  np.testing.assert_array_equal(run(_tiny(), True, 1), eval_a)
+  assert not np.allclose(run(dropping, True, 1), run(dropping, True, 2))
+
+
+def test_bfloat16_compute_keeps_float32_params(params):
+  model = _tiny(dtype=jnp.bfloat16)
+  abstract = _abstract_init(model, _images())
+  assert all(leaf.value.dtype == jnp.float32 for _, leaf in _boxes(abstract))
+  # Shapes and dtypes only: compiling a bfloat16 graph on CPU would slow the suite for no extra check.
+  features, aux = jax.eval_shape(lambda p: model.apply({"params": p}, _images(), train=False), params)
+  assert features.dtype == aux["patch_tokens"].dtype == aux["cls_token"].dtype == jnp.bfloat16
+
+
+def test_ids_keep_gathers_visible_patches(params):
+  images = _images()
+  # Jitted: eager dispatch would compile every op again for each new sequence length.
+  apply = jax.jit(
+      lambda x, ids: _tiny().apply({"params": params}, x, train=False, ids_keep=ids)[1]["patch_tokens"])
+  full = apply(images, None)
+  identity = jnp.tile(jnp.arange(16)[None], (4, 1))
+  np.testing.assert_allclose(apply(images, identity), full, atol=1e-5)
+  # Position is added before the gather, so a permutation of all patches permutes the outputs.
+  perm = jnp.stack([jnp.asarray(np.random.RandomState(s).permutation(16)) for s in range(4)])
+  np.testing.assert_allclose(apply(images, perm), jnp.take_along_axis(full, perm[..., None], 1), atol=1e-5)
+  # A subset: each image is encoded from its own visible patches only.
+  subset = perm[:, :4]
+  tokens = apply(images, subset)
+  assert tokens.shape == (4, 4, 32)
+  np.testing.assert_allclose(apply(images[::-1], subset[::-1]), tokens[::-1], atol=1e-5)
+
+
+def test_rejects_bad_settings():
+  with pytest.raises(ValueError, match="pooling"):
+    _abstract_init(_tiny(pooling="max"), _images())
+  with pytest.raises(ValueError, match="pos_embed"):
+    _abstract_init(_tiny(pos_embed="rope"), _images())
+  with pytest.raises(ValueError, match="not divisible by patch size"):
+    _abstract_init(_tiny(), _images(size=28))
