@@ -13,7 +13,7 @@ def get_config(arg=None):
     raise ValueError(f"Unknown config argument {arg!r}: use nothing or ':test'")
   config = config_lib.pretrain_config()
   config.model.variant = "Ti/4"
-  config.model.depth = 6
+  config.model.depth = 4
   config.model.decoder.update(dict(width=128, depth=2, num_heads=4, mlp_dim=512))
   config.data.augment.crop_scale = (0.35, 1.0)
   config.batch_size = 256

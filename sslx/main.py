@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from sslx import parallel
@@ -25,6 +26,8 @@ def _tasks():
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO; keep the progress line readable
   parallel.maybe_initialize_distributed()
   config = _CONFIG.value
   tasks = _tasks()

@@ -136,3 +136,19 @@ def test_sharded_gradients_match_one_device():
 def _metrics_rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for line in f]
+
+
+def test_resume_on_a_different_device_count(tmp_path):
+  """Steps 1-2 on 8 devices with FSDP parameters, then the same workdir resumed on 1 device."""
+  reference = tmp_path / "reference"
+  expected = _train_in_subprocess(reference, tmp_path / "reference.npz", num_devices=1, total_steps=4)
+  moved = tmp_path / "moved"
+  _train_in_subprocess(moved, tmp_path / "moved8.npz", num_devices=8, total_steps=4, **{"parallel.fsdp": 4})
+  shutil.rmtree(moved / "checkpoints" / "4")  # as if the 8-device job had stopped after saving step 2
+  resumed = _train_in_subprocess(moved, tmp_path / "moved1.npz", num_devices=1, total_steps=4)
+  losses, reference_losses = _metrics_rows(moved), _metrics_rows(reference)
+  assert [row["step"] for row in losses[-2:]] == [3, 4]  # logged by the resumed run
+  np.testing.assert_allclose([r["loss"] for r in losses[-2:]], [r["loss"] for r in reference_losses[2:4]],
+                             rtol=1e-5)
+  for name in expected:  # tolerance: see test_one_and_eight_devices_give_the_same_step
+    np.testing.assert_allclose(resumed[name], expected[name], rtol=1e-5, atol=5e-4, err_msg=name)

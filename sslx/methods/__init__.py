@@ -25,8 +25,8 @@ class Method:
     loss_fn: ``(params, method_state, batch, rng) -> (loss, (metrics, method_state))``; pure, jittable,
       runs the model in training mode.
     after_update: ``(params, method_state, step) -> method_state`` (EMA teachers, queues, ...).
-    visualize: optional ``(params, method_state, batch, rng) -> dict[str, array]`` of image batches in the
-      normalised input space (for PNG grids), e.g. original / masked / reconstruction for MAE.
+    visualize: optional ``(params, method_state, batch, rng) -> OrderedDict[str, array]`` of image batches in
+      the normalised input space, one PNG-grid row each, e.g. original / masked / reconstruction for MAE.
   """
   name: str
   num_views: int

@@ -5,6 +5,8 @@ positions with a shared mask token and predicts every patch; the loss counts mas
 """
 from __future__ import annotations
 
+import collections
+
 from typing import Optional
 
 import jax
@@ -108,8 +110,10 @@ def build(config) -> Method:
     masked = out["mask"][..., None]
     visible = target * (1.0 - masked)
     image_hw = images.shape[1:3]
-    return dict(original=images,
-                masked=unpatchify(visible, patch_size, image_hw),
-                reconstruction=unpatchify(visible + pred * masked, patch_size, image_hw))
+    # An OrderedDict keeps its row order through jit (a plain dict comes back with sorted keys).
+    return collections.OrderedDict(
+        original=images,
+        masked=unpatchify(visible, patch_size, image_hw),
+        reconstruction=unpatchify(visible + pred * masked, patch_size, image_hw))
 
   return Method(name="mae", num_views=1, init=init, loss_fn=loss_fn, visualize=visualize)
