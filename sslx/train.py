@@ -148,8 +148,11 @@ def pretrain(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
                        in_shardings=(run.state_sharding, run.batch_sharding),
                        out_shardings=(run.state_sharding, parallel.replicated(run.mesh)),
                        donate_argnums=(0,))
-  visualize = jax.jit(run.method.visualize) if run.method.visualize else None
-  viz_batch = _viz_batch(cfg) if visualize and run.is_lead else None
+  # Every process computes the pictures (parameters may span hosts); only the lead writes them.
+  visualize = None
+  if run.method.visualize:
+    visualize = jax.jit(run.method.visualize, out_shardings=parallel.replicated(run.mesh))
+    viz_batch = _viz_batch(cfg)
 
   if run.is_lead:
     os.makedirs(workdir, exist_ok=True)
@@ -189,12 +192,13 @@ def pretrain(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
           tensorboard.write_scalars(step, last_scalars)
     if save_now:
       run.checkpointer.save(step, state, run.loader.get_state())
-    if viz_batch is not None and (step % cfg.viz_every_steps == 0 or is_last):
+    if visualize is not None and (step % cfg.viz_every_steps == 0 or is_last):
       rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step)
       pictures = jax.device_get(visualize(state.params, state.method_state, viz_batch, rng))
-      path = os.path.join(workdir, "pictures", f"step_{step:07d}.png")
-      viz.save_image_grid(path, {name: viz.denormalize(images, cfg.data.mean, cfg.data.std)
-                                 for name, images in pictures.items()})
+      if run.is_lead:
+        path = os.path.join(workdir, "pictures", f"step_{step:07d}.png")
+        viz.save_image_grid(path, {name: viz.denormalize(images, cfg.data.mean, cfg.data.std)
+                                   for name, images in pictures.items()})
   progress.close()
   run.checkpointer.close()
   if run.is_lead:
