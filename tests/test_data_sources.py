@@ -290,7 +290,7 @@ def test_make_source_synthetic():
 
 
 @pytest.mark.parametrize("values,match", [
-    (dict(source="folder"), r"config\.data\.source='folder' is unknown"),
+    (dict(source="lmdb"), r"config\.data\.source='lmdb' is unknown"),
     (dict(dataset="cifar10"), r"config\.data\.dataset='cifar10' is not an IDX dataset"),
 ])
 def test_make_source_rejects_unknown(values, match):

@@ -213,7 +213,7 @@ def test_synthetic_loader(config):
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("source", "folder", r"config\.data\.source='folder' is invalid"),
+    ("source", "lmdb", r"config\.data\.source='lmdb' is invalid"),
     ("dataset", "cifar10", r"config\.data\.dataset='cifar10' is invalid"),
     ("image_size", 0, r"config\.data\.image_size=0 is invalid"),
     ("channels", 2, r"config\.data\.channels=2 is invalid"),

@@ -4,6 +4,12 @@ Every source has ``len(source)`` and ``source[i] -> {'image': uint8 (H, W, C), '
 pickles cheaply: grain's worker processes are spawned, so each worker receives the source by pickle.
 Sources that read files therefore pickle their paths, not their contents, and (re)open lazily.
 
+A source that reads files one by one (``folder.ImageFolderSource``) returns, for a file it cannot
+decode, a *bad example* ``{'image': None, 'label': ..., 'path': ..., 'error': ...}`` instead of
+raising: one bad file among millions must not end a run. ``is_bad`` recognises it; for training,
+``SkipBadExamples`` replaces it by a good neighbour and ``pop_bad_files`` collects the skipped paths
+from the batches, so the report works across grain's worker processes (no shared state).
+
 ``make_source(data_config, split)`` picks one from ``config.data``.
 """
 from __future__ import annotations
@@ -17,10 +23,12 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from sslx.data import folder
+
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 # Searched in order when config.data.data_dir is None; sslx.data.fetch downloads into the second.
 FASHION_MNIST_DIRS = (DEFAULT_IDX_DIR, os.path.expanduser("~/.cache/sslx/fashion-mnist"))
-KNOWN_SOURCES = ("idx", "tfds", "synthetic")
+KNOWN_SOURCES = ("idx", "tfds", "synthetic", "folder")
 IDX_DATASETS = ("fashion_mnist", "mnist")
 
 _IDX_FILE_PREFIX = {"train": "train", "test": "t10k"}
@@ -41,6 +49,49 @@ def match_channels(image: np.ndarray, channels: Optional[int]) -> np.ndarray:
   if have == 1:
     return np.repeat(image, channels, axis=-1)
   raise ValueError(f"cannot turn an image with {have} channels into {channels} channels")
+
+
+def is_bad(example: dict[str, Any]) -> bool:
+  """True for the example a source returns in place of a file it could not decode."""
+  return example["image"] is None
+
+
+class SkipBadExamples:
+  """Wraps a source so that every example has an image: a bad one is replaced by a good neighbour.
+
+  Example ``i`` is the first good example among ``i, i + 1, ...`` (wrapping around), with two extra
+  string fields that batch like any other: ``'bad_path'`` and ``'bad_error'``, empty unless example
+  ``i`` itself was bad. Each index is read once per epoch, so each bad file is reported exactly once
+  per epoch whatever the shuffling; the substitute (usually the next file of the same class) keeps
+  the batch full and its content a pure function of the index.
+  """
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = self._source[index]
+    if not is_bad(example):
+      return {**example, "bad_path": "", "bad_error": ""}
+    num_examples = len(self._source)
+    for step in range(1, num_examples):
+      other = self._source[(index + step) % num_examples]
+      if not is_bad(other):
+        return {**other, "bad_path": example["path"], "bad_error": example["error"]}
+    raise ValueError(f"no example of the source can be decoded; e.g. {example['path']}: "
+                     f"{example['error']}")
+
+
+def pop_bad_files(batch: dict[str, Any]) -> dict[str, str]:
+  """Removes ``SkipBadExamples``' two fields from a batch; returns its bad files, ``{path: error}``.
+
+  The result is empty for almost every batch.
+  """
+  paths, errors = batch.pop("bad_path"), batch.pop("bad_error")
+  return {str(path): str(error) for path, error in zip(paths, errors) if path}
 
 
 class ArraySource:
@@ -266,7 +317,11 @@ def _explain_tfds_failure(tfds, name: str, split: str, data_dir: Optional[str],
 
 
 def make_source(data_config, split: str):
-  """Builds the source that ``data_config`` (``config.data``) names, for ``split``."""
+  """Builds the source that ``data_config`` (``config.data``) names, for ``split``.
+
+  ``source='folder'`` reads ``data_dir/<split>`` if it exists, else ``data_dir`` itself for the
+  split 'train' (see ``folder.open_split``); ``dataset`` is then only a name.
+  """
   source = data_config.source
   dataset = data_config.dataset
   channels = data_config.channels
@@ -288,4 +343,6 @@ def make_source(data_config, split: str):
     num_examples = data_config.get("synthetic_num_examples", 10_000)
     # Different splits of a synthetic dataset should not be the same images.
     return SyntheticSource(num_examples, (size, size, channels), seed=zlib.crc32(split.encode()))
+  if source == "folder":
+    return folder.open_split(data_config.data_dir, split, channels=channels)
   raise ValueError(f"config.data.source={source!r} is unknown; choose one of {KNOWN_SOURCES}")
