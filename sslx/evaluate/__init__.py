@@ -1,0 +1,1 @@
+"""Evaluation of frozen representations: features, kNN, linear probe, diagnostics, fine-tuning ops."""
