@@ -138,7 +138,7 @@ def test_initialisation_follows_mae(params):
                         (params["patch_embed"]["kernel"], math.sqrt(6 / (p * p * c + width))),
                         (block["mlp"]["fc1"]["kernel"], math.sqrt(6 / (width + mlp_dim)))]:
     assert 0.9 * bound < float(jnp.max(jnp.abs(kernel))) <= bound
-  assert block["attn"]["qkv"]["kernel"].shape == (width, 3, 2, width // 2)
+  assert block["attn"]["qkv"]["kernel"].shape == (width, 3 * width)
   assert abs(float(jnp.std(params["cls_token"])) - 0.02) < 0.01
   for leaf in (block["attn"]["qkv"]["bias"], block["mlp"]["fc2"]["bias"], block["norm1"]["bias"]):
     np.testing.assert_array_equal(leaf, 0)

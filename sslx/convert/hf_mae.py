@@ -112,16 +112,15 @@ def _norm(w: _Weights, prefix: str, width: int) -> dict:
   return dict(scale=w.take(f"{prefix}.weight", (width,)), bias=w.take(f"{prefix}.bias", (width,)))
 
 
-def _block(w: _Weights, prefix: str, width: int, heads: int, mlp_dim: int) -> dict:
-  head_dim = width // heads
+def _block(w: _Weights, prefix: str, width: int, mlp_dim: int) -> dict:
   qkv = [_linear(w, f"{prefix}.attention.{n}_proj", width, width) for n in "qkv"]
   proj = _linear(w, f"{prefix}.attention.o_proj", width, width)
   return dict(
       norm1=_norm(w, f"{prefix}.layernorm_before", width),
       attn=dict(
-          qkv=dict(kernel=np.stack([t["kernel"].reshape(width, heads, head_dim) for t in qkv], axis=1),
-                   bias=np.stack([t["bias"].reshape(heads, head_dim) for t in qkv])),
-          proj=dict(kernel=proj["kernel"].reshape(heads, head_dim, width), bias=proj["bias"])),
+          qkv=dict(kernel=np.concatenate([t["kernel"] for t in qkv], axis=1),
+                   bias=np.concatenate([t["bias"] for t in qkv])),
+          proj=proj),
       norm2=_norm(w, f"{prefix}.layernorm_after", width),
       mlp=dict(fc1=_linear(w, f"{prefix}.mlp.fc1", width, mlp_dim),
                fc2=_linear(w, f"{prefix}.mlp.fc2", mlp_dim, width)))
@@ -167,7 +166,7 @@ def convert_hf_vitmae(state_dict: Mapping[str, Any], hf_config, *, pos_embed: st
     _check_sincos(pos[1:], vit.sincos_pos_embed_2d(width, grid), "vit.embeddings.position_embeddings",
                   "Convert with pos_embed='learned' and set config.model.pos_embed='learned'.")
   for i in range(c["depth"]):
-    encoder[f"block_{i}"] = _block(w, f"vit.layers.{i}", width, c["num_heads"], c["mlp_dim"])
+    encoder[f"block_{i}"] = _block(w, f"vit.layers.{i}", width, c["mlp_dim"])
   encoder["norm"] = _norm(w, "vit.layernorm", width)
 
   decoder = dict(decoder_embed=_linear(w, "decoder.decoder_embed", width, dec_width),
@@ -176,8 +175,7 @@ def convert_hf_vitmae(state_dict: Mapping[str, Any], hf_config, *, pos_embed: st
                 vit.sincos_pos_embed_2d(dec_width, grid, cls_token=True), "decoder.decoder_pos_embed",
                 "The sslx MAE decoder only supports the fixed table.")
   for i in range(c["decoder_depth"]):
-    decoder[f"block_{i}"] = _block(w, f"decoder.decoder_layers.{i}", dec_width, c["decoder_num_heads"],
-                                   c["decoder_mlp_dim"])
+    decoder[f"block_{i}"] = _block(w, f"decoder.decoder_layers.{i}", dec_width, c["decoder_mlp_dim"])
   decoder["norm"] = _norm(w, "decoder.decoder_norm", dec_width)
   decoder["pred"] = _linear(w, "decoder.decoder_pred", dec_width, p * p * c["channels"])
   w.check_all_taken()
