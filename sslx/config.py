@@ -13,7 +13,7 @@ from ml_collections.config_dict import placeholder
 
 def _data_defaults() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      source="idx",                 # 'idx' | 'tfds' | 'synthetic'
+      source="idx",                 # 'idx' | 'tfds' | 'synthetic' | 'folder'
       dataset="fashion_mnist",      # TFDS name for source='tfds' (e.g. 'imagenet2012')
       data_dir=placeholder(str),  # None = the source's default place
       split="train",
@@ -23,6 +23,12 @@ def _data_defaults() -> ml_collections.ConfigDict:
       mean=(0.2860,),
       std=(0.3530,),
       augment=dict(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", hflip=True),
+      # Training augmentation as a spec (sslx/data/transforms.py), e.g.
+      # "random_resized_crop(224, scale=(0.08, 1))|hflip|color_jitter(0.5)|grayscale"; None: `augment`.
+      augmentation=placeholder(str),
+      # One spec per view for multi-view methods; batches then hold view_0, view_1, ... instead of
+      # image (sslx/data/views.py). None: one view, from `augmentation`.
+      views=placeholder(tuple),
       eval_crop_fraction=0.875,     # evaluation: resize to image_size / fraction, centre-crop image_size
       synthetic_num_examples=10_000,
       synthetic_image_size=placeholder(int),  # None: image_size
@@ -68,6 +74,20 @@ def pretrain_config() -> ml_collections.ConfigDict:
   config.schedule = ml_collections.ConfigDict(dict(warmup_epochs=40.0, min_lr=0.0))
   config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
   config.parallel = ml_collections.ConfigDict(dict(fsdp=1))
+  config.eval = ml_collections.ConfigDict(dict(
+      after_pretrain=False,         # print kNN / linear-probe accuracy of the result beside a random init
+      pooling="cls",                # 'cls' token or 'mean' of the patch tokens
+      batch_size=500,
+      max_train_examples=placeholder(int),  # kNN bank / probe training set: the first N (None: all)
+      knn_ks=(20, 200),
+      knn_temperature=0.07,
+      probe="logistic",             # 'logistic': exact full-batch; 'lars': MAE's BN + linear with LARS
+      probe_l2=1e-4,
+      probe_epochs=90,
+      probe_batch_size=16384,
+      probe_base_lr=0.1,
+      probe_warmup_epochs=10.0,
+  ))
   config.log_every_steps = 50
   config.viz_every_steps = 2000
   config.viz_num_images = 8
@@ -80,7 +100,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "knn", "linear_probe")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -112,4 +132,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.checkpoint.every_steps and config.checkpoint.max_to_keep must be positive")
   if config.total_steps is not None and config.total_steps <= 0:
     raise ValueError(f"config.total_steps={config.total_steps} must be positive")
+  validate_eval_config(config.eval)
   pipeline.validate_data_config(config.data)
+
+
+def validate_eval_config(eval_config: ml_collections.ConfigDict) -> None:
+  if eval_config.pooling not in ("cls", "mean"):
+    raise ValueError(f"config.eval.pooling={eval_config.pooling!r} is not 'cls' or 'mean'")
+  if eval_config.probe not in ("logistic", "lars"):
+    raise ValueError(f"config.eval.probe={eval_config.probe!r} is not 'logistic' or 'lars'")
+  if not eval_config.knn_ks or any(int(k) != k or k < 1 for k in eval_config.knn_ks):
+    raise ValueError(f"config.eval.knn_ks={eval_config.knn_ks!r} must be positive integers")
+  if eval_config.batch_size < 1:
+    raise ValueError(f"config.eval.batch_size={eval_config.batch_size} must be positive")

@@ -18,9 +18,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _tasks():
+def _pretrain(config, workdir: str) -> None:
   from sslx import train  # pylint: disable=g-import-not-at-top  (keeps --help fast)
-  return {"pretrain": train.pretrain}
+  state, _ = train.pretrain(config, workdir)
+  if config.eval.after_pretrain:
+    from sslx.evaluate import run  # pylint: disable=g-import-not-at-top
+    run.compare_with_random_init(config, workdir, state.params["encoder"])
+
+
+def _evaluate(config, workdir: str) -> None:
+  from sslx.evaluate import run  # pylint: disable=g-import-not-at-top
+  run.evaluate(config, workdir)
+
+
+def _tasks():
+  return {"pretrain": _pretrain, "knn": _evaluate, "linear_probe": _evaluate}
 
 
 def main(argv) -> None:
