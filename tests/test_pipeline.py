@@ -234,6 +234,44 @@ def test_validate_names_the_bad_key(config, key, value, match):
     pipeline.validate_data_config(config)
 
 
+def test_default_augmentation_is_the_augment_spec(config):
+  """``augmentation=None`` is crop + flip from ``augment``: the same batches as that spec."""
+  default = take(pipeline.make_train_loader(config, global_batch_size=16, seed=0), 2)
+  config.augmentation = ("random_resized_crop(8, scale=(0.2, 1.0), "
+                         "ratio=(0.75, 1.3333333333333333), interpolation='bicubic')|hflip")
+  assert_same_batches(take(pipeline.make_train_loader(config, global_batch_size=16, seed=0), 2),
+                      default)
+  config.augmentation += "|normalize"  # per example instead of per batch: the same values
+  assert_same_batches(take(pipeline.make_train_loader(config, global_batch_size=16, seed=0), 2),
+                      default)
+
+
+def test_augmentation_spec_from_the_config(config):
+  config.augmentation = "random_resized_crop(8, scale=(0.5, 1))|color_jitter(0.5)|blur(p=1.0)"
+  loader = pipeline.make_train_loader(config, global_batch_size=16, seed=0)
+  batch = next(loader)
+  assert set(batch) == {"image", "label"} and loader.view_shapes == {"image": (8, 8, 1)}
+  assert batch["image"].shape == (16, 8, 8, 1) and batch["image"].dtype == np.float32
+  config.augmentation = None
+  assert not np.array_equal(next(pipeline.make_train_loader(config, global_batch_size=16,
+                                                            seed=0))["image"], batch["image"])
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("random_resized_crop(8)|sharpen", r"config\.data\.augmentation=.* is invalid: augmentation "
+                                       r"op 'sharpen': unknown op 'sharpen'"),
+    ("random_resized_crop(8)|hflip(p=2)", r"op 'hflip\(p=2\)': p=2 is invalid"),
+    ("random_resized_crop(16)|hflip", r"makes 16x16 images but config\.data\.image_size=8"),
+    ("hflip", r"config\.data\.augmentation='hflip' has no crop op"),
+    ("center_crop(8)|normalize(mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))",
+     r"turns a 1-channel image into shape \(8, 8, 3\)"),
+])
+def test_validate_names_the_bad_augmentation(config, spec, match):
+  config.augmentation = spec
+  with pytest.raises(ValueError, match=match):
+    pipeline.validate_data_config(config)
+
+
 def test_validate_wants_a_bool_hflip(config):
   # ConfigDict's type safety stops overriding a bool with an int, but a config may start with one.
   config.augment = ml_collections.ConfigDict({**config.augment.to_dict(), "hflip": 1})

@@ -2,8 +2,11 @@
 
 Training is one index-addressable ``grain.MapDataset``::
 
-  source -> seed -> shuffle -> repeat -> random_map(augment) -> [process_index::process_count]
-         -> batch -> map(normalize)
+  SkipBadExamples(source) -> seed -> shuffle -> repeat -> random_map(views)
+         -> [process_index::process_count] -> batch -> map(normalize)
+
+``views.py`` says what a batch holds (one 'image', or the views a method asks for) and how the
+augmentations come from the config.
 
 ``shuffle`` draws a fresh permutation per epoch and ``random_map`` seeds each example's generator
 with (seed, position in the endless stream), position = epoch * num_examples + index in the epoch.
@@ -15,20 +18,28 @@ So batch ``k`` is a pure function of (config, seed, k), which gives:
   ``n`` local batches of step ``k`` together hold exactly the global batch ``k`` of a single
   process loader (same examples, same augmentations, rows interleaved). Processes read disjoint
   examples at every step; each needs random access to the whole split, as TFDS array_record gives.
+
+A file that cannot be decoded never stops a run. In training it is replaced by the next good
+example of the source (``sources.SkipBadExamples``), so batches stay full and batch ``k`` stays a
+pure function of ``k``; the loader logs a warning listing each such file at the end of every epoch
+in which it was read, and keeps the running total in ``TrainLoader.bad_files``. In evaluation it is
+not replaced but masked out (``mask`` False, label -1), and listed when the pass ends.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Iterator, Optional, Sequence
 
 from absl import flags
+from absl import logging
 import grain
 import ml_collections
+from ml_collections.config_dict import placeholder
 import numpy as np
 
 from sslx.data import sources
 from sslx.data import transforms
+from sslx.data import views
 
 DEFAULT_EVAL_CROP_FRACTION = 0.875
 
@@ -37,6 +48,7 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
   """Fashion-MNIST from the Debian IDX files at native 28x28 resolution.
 
   ``overrides`` replace top-level keys; a dict for ``augment`` updates only the keys it names.
+  ``augmentation`` and ``views`` are described in ``views.py``.
   """
   config = ml_collections.ConfigDict(dict(
       source="idx",
@@ -50,64 +62,13 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
       std=(0.3530,),
       augment=dict(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic",
                    hflip=True),
+      augmentation=placeholder(str),
+      views=placeholder(tuple),
       num_workers=0,
       prefetch=2,
   ))
   config.update(overrides)
   return config
-
-
-@dataclasses.dataclass(frozen=True)
-class _Augment(grain.transforms.RandomMap):
-  """Random resized crop, then an optional horizontal flip."""
-  size: int
-  scale: tuple[float, float]
-  ratio: tuple[float, float]
-  interpolation: str
-  hflip: bool
-
-  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    image = transforms.random_resized_crop(element["image"], rng, self.size, self.scale,
-                                           self.ratio, self.interpolation)
-    if self.hflip:
-      image = transforms.horizontal_flip(image, rng)
-    return {"image": image, "label": element["label"]}
-
-
-@dataclasses.dataclass(frozen=True)
-class _EvalView(grain.transforms.Map):
-  """Resize and centre-crop; marks the example as real."""
-  size: int
-  crop_fraction: float
-  interpolation: str
-
-  def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    image = transforms.resize_shorter_and_center_crop(element["image"], self.size,
-                                                      self.crop_fraction, self.interpolation)
-    return {"image": image, "label": element["label"], "mask": True}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Padding(grain.transforms.Map):
-  """A blank example (label -1, mask False) that fills the last evaluation batch."""
-  image_shape: tuple[int, int, int]
-
-  def map(self, element: Any) -> dict[str, Any]:
-    del element
-    return {"image": np.zeros(self.image_shape, np.uint8), "label": -1, "mask": False}
-
-
-@dataclasses.dataclass(frozen=True)
-class _ToModelInput(grain.transforms.Map):
-  """Batch-level: normalized float32 images and int32 labels (vectorised over the batch)."""
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-
-  def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = dict(batch)
-    out["image"] = transforms.normalize(batch["image"], self.mean, self.std)
-    out["label"] = batch["label"].astype(np.int32)
-    return out
 
 
 def _iterate(batches: grain.MapDataset, num_workers: int, prefetch: int) -> grain.DatasetIterator:
@@ -125,26 +86,43 @@ def _iterate(batches: grain.MapDataset, num_workers: int, prefetch: int) -> grai
 
 
 class TrainLoader:
-  """Endless iterator of training batches ``{'image': f32 (B, S, S, C), 'label': i32 (B,)}``.
+  """Endless iterator of training batches (keys in ``views.py``: 'image' or 'view_i', 'label').
 
   Attributes:
     num_examples: size of the training split (all processes together).
-    image_shape: ``(S, S, C)`` of one image.
+    image_shape: ``(S, S, C)``, the model's input: ``config.data.image_size`` and channels.
+    view_shapes: ``{batch key: (S_i, S_i, C)}`` of the batch's image arrays (one row).
     local_batch_size: rows of each batch on this process.
+    bad_files: ``{path: error}`` of every undecodable file this loader has read so far. With
+      several processes each one lists (and logs) those among its own rows.
   """
 
   def __init__(self, batches: grain.MapDataset, *, num_examples: int,
-               image_shape: tuple[int, int, int], local_batch_size: int, num_workers: int,
+               image_shape: tuple[int, int, int], view_shapes: dict[str, tuple[int, int, int]],
+               local_batch_size: int, process_index: int, process_count: int, num_workers: int,
                prefetch: int, identity: dict[str, Any]):
     self._batches = batches
+    self._process_index = process_index
+    self._process_count = process_count
     self._num_workers = num_workers
     self._prefetch = prefetch
     self._identity = identity
     self._next_batch = 0
     self._iterator: Optional[grain.DatasetIterator] = None
+    # Epoch -> bad files read in it, listed once the epoch is over; the batch that ends an epoch
+    # usually starts the next, so a batch's files may belong to two epochs.
+    self._unreported: dict[int, dict[str, str]] = {}
+    self._first_batch = 0
     self.num_examples = num_examples
     self.image_shape = image_shape
+    self.view_shapes = view_shapes
     self.local_batch_size = local_batch_size
+    self.bad_files: dict[str, str] = {}
+
+  @property
+  def num_bad_files(self) -> int:
+    """How many distinct undecodable files this loader has read so far."""
+    return len(self.bad_files)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
@@ -155,15 +133,41 @@ class TrainLoader:
       self._iterator = _iterate(self._batches[self._next_batch:], self._num_workers,
                                 self._prefetch)
     batch = next(self._iterator)
+    # String arrays cannot become JAX arrays: the bad-file fields leave the batch here.
+    self._collect_bad_files(self._next_batch, batch.pop("bad_path"), batch.pop("bad_error"))
     self._next_batch += 1
     return batch
+
+  def _collect_bad_files(self, index: int, paths: np.ndarray, errors: np.ndarray) -> None:
+    """Files the bad files of batch ``index`` under their epochs; reports the epochs it ends."""
+    global_batch_size = self._identity["global_batch_size"]
+    for row in np.flatnonzero(paths != ""):
+      # Row j of this process's batch k is position k * G + p + j * P of the global stream.
+      position = index * global_batch_size + self._process_index + row * self._process_count
+      path, error = str(paths[row]), str(errors[row])
+      self._unreported.setdefault(position // self.num_examples, {})[path] = error
+      self.bad_files[path] = error
+    # Every position before (index + 1) * G has now been read, by this process or another.
+    finished = (index + 1) * global_batch_size // self.num_examples
+    for epoch in sorted(e for e in self._unreported if e < finished):
+      self._report(epoch, self._unreported.pop(epoch))
+
+  def _report(self, epoch: int, files: dict[str, str]) -> None:
+    first_position = self._first_batch * self._identity["global_batch_size"]
+    note = (f" (from batch {self._first_batch} on, where this loader resumed)"
+            if epoch * self.num_examples < first_position else "")
+    listing = "\n".join(f"  {path}: {error}" for path, error in sorted(files.items()))
+    logging.warning("Epoch %d of the training data: skipped %d undecodable file(s)%s, each "
+                    "replaced by the next good example:\n%s", epoch + 1, len(files), note, listing)
 
   def get_state(self) -> dict[str, Any]:
     """A JSON-serialisable position in the stream.
 
     ``{'next_batch': k, 'seed': ..., 'global_batch_size': ..., 'num_examples': ...}``; the last
     three identify the stream. ``next_batch`` counts global steps, so a state also restores on a
-    different process count or number of workers.
+    different process count or number of workers. Bad files are not part of it, as one process
+    saves the state for all and each knows only its own: after a resume, the report of the epoch
+    in progress lists the files read since, and says so.
     """
     return {"next_batch": self._next_batch, **self._identity}
 
@@ -174,7 +178,8 @@ class TrainLoader:
         raise ValueError(f"loader state was saved with {key}={state.get(key)!r} but this loader "
                          f"has {key}={value!r}; it would not continue the same stream")
     self.close()
-    self._next_batch = int(state["next_batch"])
+    self._next_batch = self._first_batch = int(state["next_batch"])
+    self._unreported = {}
 
   def close(self) -> None:
     """Stops worker processes (they restart on the next ``next()``)."""
@@ -186,11 +191,13 @@ class TrainLoader:
 class EvalLoader:
   """Re-iterable, fixed-order evaluation batches with a boolean ``'mask'`` of real examples.
 
-  Every process yields ``len(loader)`` batches of ``batch_size``; the last ones are padded.
+  Every process yields ``len(loader)`` batches of ``batch_size``; the last ones are padded, and
+  undecodable files are masked-out rows too.
 
   Attributes:
     num_examples: size of the split (all processes together).
     image_shape: ``(S, S, C)`` of one image.
+    bad_files: ``{path: error}`` of the undecodable files of the last complete pass.
   """
 
   def __init__(self, batches: grain.MapDataset, *, num_examples: int,
@@ -200,12 +207,25 @@ class EvalLoader:
     self._prefetch = prefetch
     self.num_examples = num_examples
     self.image_shape = image_shape
+    self.bad_files: dict[str, str] = {}
 
   def __len__(self) -> int:
     return len(self._batches)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return _iterate(self._batches, self._num_workers, self._prefetch)
+    iterator = _iterate(self._batches, self._num_workers, self._prefetch)
+    bad_files = {}
+    try:
+      for batch in iterator:
+        bad_files.update(sources.pop_bad_files(batch))
+        yield batch
+    finally:
+      iterator.close()
+    self.bad_files = bad_files
+    if bad_files:
+      listing = "\n".join(f"  {path}: {error}" for path, error in sorted(bad_files.items()))
+      logging.warning("Evaluation: %d undecodable file(s) left out (masked):\n%s",
+                      len(bad_files), listing)
 
 
 def make_train_loader(data_config, *, global_batch_size: int, seed: int, process_index: int = 0,
@@ -218,19 +238,22 @@ def make_train_loader(data_config, *, global_batch_size: int, seed: int, process
                      f"process_count={process_count}")
   if not _is_int(seed) or seed < 0:
     raise ValueError(f"seed must be a non-negative int; got {seed!r}")
-  source = sources.make_source(data_config, data_config.split)
+  augmentations = views.build_views(data_config)
+  source = sources.SkipBadExamples(sources.make_source(data_config, data_config.split))
   size = data_config.image_size
-  aug = data_config.augment
   local_batch_size = global_batch_size // process_count
   dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  dataset = dataset.random_map(_Augment(size, tuple(aug.crop_scale), tuple(aug.crop_ratio),
-                                        aug.interpolation, bool(aug.hflip)))
+  dataset = dataset.random_map(views.TrainViews(tuple(augmentations.items()),
+                                                split_rng=data_config.get("views") is not None))
   dataset = dataset[process_index::process_count].batch(local_batch_size, drop_remainder=True)
-  dataset = dataset.map(_ToModelInput(tuple(data_config.mean), tuple(data_config.std)))
+  dataset = dataset.map(views.ToModelInput(tuple(data_config.mean), tuple(data_config.std),
+                                           views.keys_to_normalize(augmentations)))
   identity = dict(seed=seed, global_batch_size=global_batch_size, num_examples=len(source))
   return TrainLoader(dataset, num_examples=len(source),
                      image_shape=(size, size, data_config.channels),
-                     local_batch_size=local_batch_size, num_workers=data_config.num_workers,
+                     view_shapes=views.view_shapes(augmentations, data_config.channels),
+                     local_batch_size=local_batch_size, process_index=process_index,
+                     process_count=process_count, num_workers=data_config.num_workers,
                      prefetch=data_config.prefetch, identity=identity)
 
 
@@ -257,12 +280,13 @@ def make_eval_loader(data_config, *, split: str, batch_size: int, process_index:
   # Every process pads to the largest shard's batch count so collective ops stay in step.
   num_batches = math.ceil(math.ceil(len(source) / process_count) / batch_size)
   crop_fraction = data_config.get("eval_crop_fraction", DEFAULT_EVAL_CROP_FRACTION)
-  parts = [shard.map(_EvalView(size, crop_fraction, data_config.augment.interpolation))]
+  parts = [shard.map(views.EvalView(image_shape, crop_fraction, data_config.augment.interpolation))]
   num_padding = num_batches * batch_size - len(shard)
   if num_padding:
-    parts.append(grain.MapDataset.range(num_padding).map(_Padding(image_shape)))
+    parts.append(grain.MapDataset.range(num_padding).map(views.Padding(image_shape)))
   dataset = grain.MapDataset.concatenate(parts).batch(batch_size)
-  dataset = dataset.map(_ToModelInput(tuple(data_config.mean), tuple(data_config.std)))
+  dataset = dataset.map(views.ToModelInput(tuple(data_config.mean), tuple(data_config.std),
+                                           ("image",)))
   return EvalLoader(dataset, num_examples=len(source), image_shape=image_shape,
                     num_workers=data_config.num_workers, prefetch=data_config.prefetch)
 
@@ -271,10 +295,12 @@ def validate_data_config(data_config) -> None:
   """Fails fast, naming the offending ``config.data`` key or missing path, before training starts.
 
   Raises:
-    ValueError: a key is missing or has a bad value.
+    ValueError: a key is missing or has a bad value (augmentation specs included: each is built
+      and run once on a small image).
     FileNotFoundError: the data for ``split`` or ``eval_split`` is not where the config says.
   """
   _check_values(data_config)
+  views.build_views(data_config)
   for key in ("split", "eval_split"):
     if data_config[key] is not None:
       sources.make_source(data_config, data_config[key])
