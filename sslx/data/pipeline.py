@@ -34,9 +34,9 @@ from absl import flags
 from absl import logging
 import grain
 import ml_collections
-from ml_collections.config_dict import placeholder
 import numpy as np
 
+from sslx import config as config_lib
 from sslx.data import sources
 from sslx.data import transforms
 from sslx.data import views
@@ -45,28 +45,12 @@ DEFAULT_EVAL_CROP_FRACTION = 0.875
 
 
 def default_data_config(**overrides) -> ml_collections.ConfigDict:
-  """Fashion-MNIST from the Debian IDX files at native 28x28 resolution.
+  """``config.data`` of a default run (Fashion-MNIST IDX files at 28x28), some top-level keys replaced.
 
-  ``overrides`` replace top-level keys; a dict for ``augment`` updates only the keys it names.
-  ``augmentation`` and ``views`` are described in ``views.py``.
+  A dict for ``augment`` updates only the keys it names; ``augmentation`` and ``views`` are described in
+  ``views.py``.
   """
-  config = ml_collections.ConfigDict(dict(
-      source="idx",
-      dataset="fashion_mnist",
-      data_dir=None,
-      split="train",
-      eval_split="test",
-      image_size=28,
-      channels=1,
-      mean=(0.2860,),
-      std=(0.3530,),
-      augment=dict(crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic",
-                   hflip=True),
-      augmentation=placeholder(str),
-      views=placeholder(tuple),
-      num_workers=0,
-      prefetch=2,
-  ))
+  config = config_lib.pretrain_config().data
   config.update(overrides)
   return config
 
