@@ -2,6 +2,7 @@
 import os
 
 import ml_collections
+import numpy as np
 import pytest
 
 # Tests run tiny graphs once, so XLA's optimisation passes cost more than they save: skipping them
@@ -25,3 +26,12 @@ def tiny_mae_config() -> ml_collections.ConfigDict:
 @pytest.fixture
 def mae_config() -> ml_collections.ConfigDict:
   return tiny_mae_config()
+
+
+def assert_same_batches(a, b):
+  """Two lists of batches hold the same keys and bit-identical arrays."""
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])

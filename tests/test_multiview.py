@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from sslx.data import pipeline
+from conftest import assert_same_batches
 
 SIMCLR = ("random_resized_crop(32, scale=(0.08, 1))|hflip|color_jitter(0.5, p=0.8)|grayscale(p=0.2)"
           "|blur")
@@ -25,14 +26,6 @@ def take(config, n, seed=0, state=None):
     return [next(loader) for _ in range(n)]
   finally:
     loader.close()
-
-
-def assert_same_batches(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for key in x:
-      np.testing.assert_array_equal(x[key], y[key])
 
 
 def test_simclr_two_views_differ_but_are_reproducible(config):

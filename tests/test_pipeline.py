@@ -15,6 +15,7 @@ import pytest
 from sslx.data import pipeline
 from sslx.data import sources
 from sslx.data import transforms
+from conftest import assert_same_batches
 
 NUM_TRAIN = 200
 NUM_TEST = 37
@@ -45,14 +46,6 @@ def config(data_dir):
 
 def take(loader, n):
   return [next(loader) for _ in range(n)]
-
-
-def assert_same_batches(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for key in x:
-      np.testing.assert_array_equal(x[key], y[key])
 
 
 def test_train_batch_shapes_and_dtypes(config):
