@@ -51,9 +51,7 @@ class MAEDecoder(nn.Module):
         raise ValueError(f"{num_patches} patches do not form a square grid; pass grid_hw.")
       grid_hw = (side, side)
 
-    x = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=vit.partitioned(vit.xavier_init, (None, "embed")),
-                 bias_init=vit.partitioned(nn.initializers.zeros, ("embed",)), name="decoder_embed")(tokens)
+    x = vit.dense(self.width, (None, "embed"), self.dtype, self.param_dtype, "decoder_embed")(tokens)
     mask_token = self.param("mask_token", vit.partitioned(vit.token_init, (None, None, "embed")),
                             (1, 1, self.width), self.param_dtype)
     mask_tokens = jnp.broadcast_to(mask_token.astype(x.dtype),
@@ -69,7 +67,5 @@ class MAEDecoder(nn.Module):
       x = vit.Block(self.num_heads, self.mlp_dim, 0.0, self.layer_norm_eps, self.dtype,
                     self.param_dtype, name=f"block_{i}")(x, train=False)
     x = vit.layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")(x)
-    x = nn.Dense(self.patch_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=vit.partitioned(vit.xavier_init, ("embed", "patch")),
-                 bias_init=vit.partitioned(nn.initializers.zeros, ("patch",)), name="pred")(x)
+    x = vit.dense(self.patch_dim, ("embed", "patch"), self.dtype, self.param_dtype, "pred")(x)
     return x[:, 1:]

@@ -102,6 +102,13 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.La
                       bias_init=partitioned(nn.initializers.zeros, ("embed",)), name=name)
 
 
+def dense(features: int, axes: tuple, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
+  """A linear layer with MAE's init (xavier-uniform kernel, zero bias) and logical axes ``(in, out)``."""
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=partitioned(xavier_init, axes),
+                  bias_init=partitioned(nn.initializers.zeros, axes[1:]), name=name)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused, biased qkv projection."""
   num_heads: int
@@ -113,20 +120,13 @@ class Attention(nn.Module):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"Width {width} is not divisible by num_heads={self.num_heads}.")
-    head_dim = width // self.num_heads
     batch, tokens = x.shape[:2]
-    # Plain 2-D kernels: XLA's backward pass for multi-axis DenseGeneral contractions adds transposes that
-    # cost ~40% of a CPU training step (experiments/bench_mae_throughput.py).
-    qkv = nn.Dense(3 * width, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=partitioned(xavier_init, ("embed", None)),
-                   bias_init=partitioned(nn.initializers.zeros, (None,)), name="qkv")(x)
-    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+    # 2-D kernels keep XLA's backward pass free of the transposes multi-axis DenseGeneral adds.
+    qkv = dense(3 * width, ("embed", None), self.dtype, self.param_dtype, "qkv")(x)
+    qkv = qkv.reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
     # (B, T, N, H) layout lets XLA pick cuDNN flash attention on GPU.
     out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-    return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=partitioned(xavier_init, (None, "embed")),
-                    bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="proj")(
-                        out.reshape(batch, tokens, width))
+    return dense(width, (None, "embed"), self.dtype, self.param_dtype, "proj")(out.reshape(batch, tokens, width))
 
 
 class Mlp(nn.Module):
@@ -137,14 +137,9 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    width = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=partitioned(xavier_init, ("embed", "mlp")),
-                 bias_init=partitioned(nn.initializers.zeros, ("mlp",)), name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
-    return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=partitioned(xavier_init, ("mlp", "embed")),
-                    bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="fc2")(x)
+    hidden = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(x)
+    hidden = nn.gelu(hidden, approximate=False)
+    return dense(x.shape[-1], ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(hidden)
 
 
 class Block(nn.Module):
