@@ -28,6 +28,20 @@ def _shapes_by_name(tree) -> dict[str, tuple[int, ...]]:
   return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
+def check_same_shapes(theirs: Any, ours: Any, *, what: str, against: str, hint: str = "") -> None:
+  """Raises a ValueError listing the parameters whose shapes differ between two trees (or exist in one).
+
+  ``theirs`` is described by ``what`` (a checkpoint), ``ours`` by ``against`` (this config).
+  """
+  ours, theirs = _shapes_by_name(ours), _shapes_by_name(theirs)
+  differences = [f"{name}: checkpoint {theirs.get(name)} vs config {ours.get(name)}"
+                 for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
+  if differences:
+    listed = "\n  ".join(differences[:10]) + ("\n  ..." if len(differences) > 10 else "")
+    raise ValueError(f"{what} belongs to another model than {against} ({len(differences)} parameters "
+                     f"differ):\n  {listed}\n{hint}".rstrip())
+
+
 class Checkpointer:
   """Saves ``state`` (a pytree of arrays) and ``data`` (a JSON-able dict) under ``directory/<step>/``."""
 
@@ -49,22 +63,23 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      data=ocp.args.JsonSave(data)))
 
-  def check_params_match(self, step: int, abstract_params: Any) -> None:
-    """Raises if the checkpoint at ``step`` holds parameters of another model than ``abstract_params``."""
+  def check_params_match(self, step: int, abstract_params: Any, *, subtree: str | None = None,
+                         hint: str = "Use a fresh --workdir, or the config the checkpoint was trained with.") -> None:
+    """Raises if the checkpoint at ``step`` holds parameters of another model than ``abstract_params``.
+
+    With ``subtree`` (e.g. 'encoder'), only ``params[subtree]`` of the checkpoint is compared.
+    """
     saved = self._manager.item_metadata(step)["state"]
     saved_tree = getattr(saved, "tree", saved)
     saved_params = saved_tree.get("params") if isinstance(saved_tree, dict) else None
     if saved_params is None:
       raise ValueError(f"{self.directory}/{step} holds no 'params'; it was not written by this sslx version")
-    ours, theirs = _shapes_by_name(abstract_params), _shapes_by_name(saved_params)
-    differences = [f"{name}: checkpoint {theirs.get(name)} vs config {ours.get(name)}"
-                   for name in sorted(set(ours) | set(theirs)) if ours.get(name) != theirs.get(name)]
-    if differences:
-      listed = "\n  ".join(differences[:10]) + ("\n  ..." if len(differences) > 10 else "")
-      raise ValueError(
-          f"The checkpoint in {self.directory}/{step} belongs to another model than this config "
-          f"({len(differences)} parameters differ):\n  {listed}\n"
-          "Use a fresh --workdir, or the config the checkpoint was trained with.")
+    what = f"The checkpoint in {self.directory}/{step}"
+    if subtree is not None:
+      if subtree not in saved_params:
+        raise ValueError(f"{what} has no params[{subtree!r}]; it has {sorted(saved_params)}")
+      saved_params, what = saved_params[subtree], f"params[{subtree!r}] in the checkpoint {self.directory}/{step}"
+    check_same_shapes(saved_params, abstract_params, what=what, against="this config", hint=hint)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores onto the shardings carried by ``abstract_state`` (a tree of `jax.ShapeDtypeStruct`)."""
@@ -72,9 +87,58 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
 
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the parameters in ``abstract_params`` (a subtree of ``state['params']``, e.g. just the encoder)
+    at ``step``, onto its shardings; no optimizer or method state is read. Check shapes first with
+    `check_params_match`."""
+    handler = ocp.PyTreeCheckpointHandler()
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    restored = handler.restore(
+        self._manager.directory / str(step) / "state",
+        args=ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args},
+                                    partial_restore=True))
+    handler.close()
+    return restored["params"]
+
+  def read_data(self, step: int) -> dict:
+    """The JSON saved beside the state at ``step``, without reading any array."""
+    return self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+class BestCheckpointer:
+  """Keeps the one state that scored highest on ``metric`` so far (e.g. 'eval/top1'), beside the latest ones.
+
+  The score travels with the checkpoint, so a resumed run still compares against the best before it.
+  """
+
+  def __init__(self, directory: str, metric: str):
+    self.metric = metric
+    self._checkpointer = Checkpointer(directory, max_to_keep=1)
+    self._best: dict | None = None
+    step = self._checkpointer.latest_step()
+    if step is not None:
+      self._best = self._checkpointer.read_data(step)
+
+  def maybe_save(self, step: int, state: Any, metrics: dict[str, float]) -> bool:
+    if self.metric not in metrics:
+      raise ValueError(f"config.checkpoint.best_metric={self.metric!r} is not among the evaluation metrics "
+                       f"{sorted(metrics)}")
+    if self._best is not None and metrics[self.metric] <= self._best[self.metric]:
+      return False
+    self._best = {"step": step, **{name: float(value) for name, value in metrics.items()}}
+    self._checkpointer.save(step, state, self._best)
+    return True
+
+  def summary(self) -> dict | None:
+    """``{'step': ..., <metric>: ..., ...}`` of the best state, or None before any evaluation."""
+    return self._best
+
+  def close(self) -> None:
+    self._checkpointer.close()

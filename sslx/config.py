@@ -6,6 +6,8 @@ silently ignored setting.
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -34,6 +36,9 @@ def _data_defaults() -> ml_collections.ConfigDict:
       synthetic_image_size=placeholder(int),  # None: image_size
       num_workers=0,                # grain worker processes; 0 = decode in the main process
       prefetch=2,
+      # Where the ops after the last crop/flip of each view run: 'host' (grain workers, numpy) or
+      # 'device' (batched JAX inside the jitted step). Measured choice: docs/benchmarks.md.
+      augment_on="host",
   ))
 
 
@@ -45,6 +50,9 @@ def pretrain_config() -> ml_collections.ConfigDict:
   config.batch_size = 4096          # global, over all devices and processes
   config.num_epochs = 800
   config.total_steps = placeholder(int)  # overrides num_epochs when set
+  # A pretraining run's workdir whose newest encoder initialises this run's params['encoder']
+  # (fine-tuning, continued pretraining); used only when this run's workdir has no checkpoint yet.
+  config.init_from = placeholder(str)
 
   config.model = ml_collections.ConfigDict(dict(
       variant="B/16",
@@ -70,9 +78,13 @@ def pretrain_config() -> ml_collections.ConfigDict:
       b2=0.95,
       weight_decay=0.05,            # not applied to biases, norms, tokens and position embeddings
       grad_clip_norm=placeholder(float),
+      layer_decay=placeholder(float),  # lr of block i scaled by decay^(L+1-i) (fine-tuning); None: off
   ))
   config.schedule = ml_collections.ConfigDict(dict(warmup_epochs=40.0, min_lr=0.0))
-  config.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
+  config.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000, max_to_keep=3, async_save=True,
+      best_metric=placeholder(str),  # e.g. 'eval/top1': also keep the best-scoring state in <workdir>/best
+  ))
   config.parallel = ml_collections.ConfigDict(dict(fsdp=1))
   config.eval = ml_collections.ConfigDict(dict(
       after_pretrain=False,         # print kNN / linear-probe accuracy of the result beside a random init
@@ -87,6 +99,19 @@ def pretrain_config() -> ml_collections.ConfigDict:
       probe_batch_size=16384,
       probe_base_lr=0.1,
       probe_warmup_epochs=10.0,
+      every_epochs=placeholder(float),  # held-out evaluation (Method.evaluate) during training; None: off
+  ))
+  # Online monitors of the representation while pretraining; see sslx/monitors.py.
+  config.monitor = ml_collections.ConfigDict(dict(
+      online_probe=True,            # a linear classifier on stop-gradient features, trained every step
+      probe_batch_size=256,         # rows of each global batch it trains on (features cost a forward pass)
+      probe_lr=1e-3,
+      # Held-out probe accuracy, kNN and diagnostics (also at step 0); None: at each checkpoint; 0: never.
+      every_steps=placeholder(int),
+      knn_train_examples=5000,      # kNN bank: the first N training images (eval transform)
+      knn_test_examples=1000,
+      knn_k=20,
+      num_classes=placeholder(int),  # None: from the labels of those images (no labels: no probe, no kNN)
   ))
   config.log_every_steps = 50
   config.viz_every_steps = 2000
@@ -100,7 +125,7 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-TASKS = ("pretrain", "knn", "linear_probe")
+TASKS = ("pretrain", "knn", "linear_probe", "finetune")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -123,6 +148,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.batch_size <= 0 or config.batch_size % num_devices or config.batch_size % num_processes:
     raise ValueError(f"config.batch_size={config.batch_size} must be a positive multiple of the device count "
                      f"({num_devices}) and of the process count ({num_processes})")
+  if config.eval.batch_size % num_processes:
+    raise ValueError(f"config.eval.batch_size={config.eval.batch_size} (global) must be divisible by the process "
+                     f"count ({num_processes})")
   if config.optimizer.name != "adamw":
     raise ValueError(f"config.optimizer.name={config.optimizer.name!r}: only 'adamw' is implemented")
   for key in ("log_every_steps", "viz_every_steps"):
@@ -133,7 +161,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.total_steps is not None and config.total_steps <= 0:
     raise ValueError(f"config.total_steps={config.total_steps} must be positive")
   validate_eval_config(config.eval)
+  _validate_monitor_config(config)
+  if config.init_from is not None and not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
+    raise ValueError(f"config.init_from={config.init_from!r} is not the --workdir of an sslx run (it has no "
+                     "checkpoints/ folder)")
+  if config.checkpoint.best_metric is not None and config.eval.every_epochs is None:
+    raise ValueError(f"config.checkpoint.best_metric={config.checkpoint.best_metric!r} needs a held-out "
+                     "evaluation: set config.eval.every_epochs")
   pipeline.validate_data_config(config.data)
+
+
+def _validate_monitor_config(config: ml_collections.ConfigDict) -> None:
+  monitor = config.monitor
+  if monitor.every_steps is not None and monitor.every_steps < 0:
+    raise ValueError(f"config.monitor.every_steps={monitor.every_steps} must be >= 0 (0: no monitor)")
+  for key in ("probe_batch_size", "knn_train_examples", "knn_test_examples", "knn_k"):
+    if monitor[key] < 1:
+      raise ValueError(f"config.monitor.{key}={monitor[key]} must be positive")
+  if monitor.probe_lr <= 0:
+    raise ValueError(f"config.monitor.probe_lr={monitor.probe_lr} must be positive")
+  if monitor.num_classes is not None and monitor.num_classes < 2:
+    raise ValueError(f"config.monitor.num_classes={monitor.num_classes} must be at least 2 (or None)")
+  if config.eval.every_epochs is not None and config.eval.every_epochs <= 0:
+    raise ValueError(f"config.eval.every_epochs={config.eval.every_epochs} must be positive (or None)")
 
 
 def validate_eval_config(eval_config: ml_collections.ConfigDict) -> None:

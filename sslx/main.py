@@ -18,10 +18,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _pretrain(config, workdir: str) -> None:
+def _train(config, workdir: str) -> None:
   from sslx import train  # pylint: disable=g-import-not-at-top  (keeps --help fast)
-  state, _ = train.pretrain(config, workdir)
-  if config.eval.after_pretrain:
+  state, _ = train.train(config, workdir)
+  if config.task == "pretrain" and config.eval.after_pretrain:
     from sslx.evaluate import run  # pylint: disable=g-import-not-at-top
     run.compare_with_random_init(config, workdir, state.params["encoder"])
 
@@ -32,7 +32,7 @@ def _evaluate(config, workdir: str) -> None:
 
 
 def _tasks():
-  return {"pretrain": _pretrain, "knn": _evaluate, "linear_probe": _evaluate}
+  return {"pretrain": _train, "finetune": _train, "knn": _evaluate, "linear_probe": _evaluate}
 
 
 def main(argv) -> None:

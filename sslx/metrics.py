@@ -158,6 +158,11 @@ class ProgressLine:
     self._stream.flush()
     return images_per_s
 
+  def exclude(self, seconds: float) -> None:
+    """Leaves ``seconds`` spent outside training steps (evaluation, monitors) out of the throughput."""
+    if self._last_time is not None:
+      self._last_time += seconds
+
   def close(self) -> None:
     if self._is_tty:
       self._stream.write("\n")

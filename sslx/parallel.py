@@ -26,7 +26,8 @@ _FSDP_RULES = (("embed", "fsdp"), ("mlp", None), ("heads", None), ("head_dim", N
 def maybe_initialize_distributed() -> None:
   """Calls `jax.distributed.initialize()` when this process is one of several (pod slice, SLURM, MPI).
 
-  A single-process run skips it, so laptops and one-GPU machines need no coordinator.
+  A single-process run skips it, so laptops and one-GPU machines need no coordinator. By hand: set
+  ``JAX_COORDINATOR_ADDRESS=host:port``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every process.
   """
   multi_process_markers = (
       int(os.environ.get("SLURM_NTASKS", "1")) > 1,
@@ -34,8 +35,14 @@ def maybe_initialize_distributed() -> None:
       "JAX_COORDINATOR_ADDRESS" in os.environ,
       len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1,
   )
-  if any(multi_process_markers):
-    jax.distributed.initialize()
+  if not any(multi_process_markers):
+    return
+  if "JAX_COORDINATOR_ADDRESS" in os.environ and "JAX_NUM_PROCESSES" in os.environ:
+    # A hand-made cluster: jax reads only the address from the environment, so pass count and id.
+    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
+                               int(os.environ["JAX_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()  # SLURM, Open MPI and TPU pods describe themselves
 
 
 def create_mesh(fsdp: int = 1) -> Mesh:

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -22,10 +22,13 @@ import optax
 from sslx import checkpoint as checkpoint_lib
 from sslx import config as config_lib
 from sslx import metrics as metrics_lib
+from sslx import monitors
 from sslx import optim
 from sslx import parallel
 from sslx import viz
+from sslx.data import device_augment as device_augment_lib
 from sslx.data import pipeline
+from sslx.data import prefetch
 from sslx.methods import Method, build_method
 
 
@@ -36,6 +39,7 @@ class TrainState:
   opt_state: Any
   method_state: Any
   rng: jax.Array
+  probe: Any = None  # the online linear probe's params and optimizer state (sslx/monitors.py), if any
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,10 +53,19 @@ def schedule_length(config, num_examples: int) -> tuple[int, int]:
   return steps_per_epoch, int(total)
 
 
-def make_train_step(method: Method, tx: optax.GradientTransformation, schedule):
-  """A pure ``(state, batch) -> (state, metrics)``; the per-step key is ``fold_in(state.rng, step)``."""
+def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, *,
+                    probe: Optional[monitors.OnlineProbe] = None,
+                    prepare_batch: Optional[Callable[[dict, jax.Array], dict]] = None):
+  """A pure ``(state, batch) -> (state, metrics)``; the per-step key is ``fold_in(state.rng, step)``.
+
+  ``prepare_batch(batch, key)`` runs first (augmentation on the device); ``probe`` trains the online
+  linear probe on the parameters the step started from.
+  """
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
+    if prepare_batch is not None:
+      rng, augment_rng = jax.random.split(rng)
+      batch = prepare_batch(batch, augment_rng)
     grad_fn = jax.value_and_grad(method.loss_fn, has_aux=True)
     (loss, (metrics, method_state)), grads = grad_fn(state.params, state.method_state, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -61,18 +74,28 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedule):
     # param_norm is also the cheap way to learn that an update left a non-finite parameter behind.
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                "param_norm": optax.tree.norm(params), "lr": schedule(state.step)}
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, method_state=method_state)
+    probe_state = state.probe
+    if probe is not None:
+      probe_state, probe_metrics = probe.update(state.probe, state.params["encoder"], batch)
+      metrics.update(probe_metrics)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, method_state=method_state,
+                              probe=probe_state)
     return new_state, metrics
   return train_step
 
 
-def init_train_state(method: Method, tx: optax.GradientTransformation, rng, image_shape) -> TrainState:
+def init_train_state(method: Method, tx: optax.GradientTransformation, rng, image_shape,
+                     probe: Optional[monitors.OnlineProbe] = None) -> TrainState:
   """A fresh state; params may still carry logical-partitioning boxes (`nn.unbox` them to use directly)."""
   init_rng, state_rng = jax.random.split(rng)
   example = {"image": jnp.zeros((1, *image_shape), jnp.float32), "label": jnp.zeros((1,), jnp.int32)}
   params, method_state = method.init(init_rng, example)
+  probe_state = None
+  if probe is not None:
+    feature_dim = jax.eval_shape(probe.embed, nn.unbox(params)["encoder"], example["image"]).shape[-1]
+    probe_state = probe.init(feature_dim)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    method_state=method_state, rng=state_rng)
+                    method_state=method_state, rng=state_rng, probe=probe_state)
 
 
 def _abstract_with_shardings(abstract_boxed, shardings):
@@ -81,7 +104,7 @@ def _abstract_with_shardings(abstract_boxed, shardings):
 
 
 class _Run:
-  """State of one pretraining run: everything the loop needs, set up before the first compilation."""
+  """State of one training run: everything the loop needs, set up before the first compilation."""
 
   def __init__(self, config, workdir: str):
     config_lib.validate_config(config)
@@ -97,12 +120,18 @@ class _Run:
     self.schedule = optim.learning_rate_schedule(
         config, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
     self.tx = optim.build_optimizer(config, self.schedule)
+    self.monitor = monitors.RepresentationMonitor(config, self.mesh) if config.monitor.every_steps != 0 else None
+    num_classes = config.monitor.num_classes or (self.monitor.num_classes if self.monitor else None)
+    self.probe = monitors.make_online_probe(config, num_classes)
     self.checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save)
+    self.best = None
+    if config.checkpoint.best_metric is not None:
+      self.best = checkpoint_lib.BestCheckpointer(os.path.join(workdir, "best"), config.checkpoint.best_metric)
 
   def _init_fn(self, rng):
-    return init_train_state(self.method, self.tx, rng, self.loader.image_shape)
+    return init_train_state(self.method, self.tx, rng, self.loader.image_shape, self.probe)
 
   def initial_state(self) -> TrainState:
     """The latest checkpoint in the workdir if there is one (on this mesh), else a fresh init."""
@@ -112,13 +141,31 @@ class _Run:
     self.state_sharding = parallel.shardings_from_logical(abstract_boxed, self.mesh, rules)
     latest = self.checkpointer.latest_step()
     if latest is None:
-      return jax.jit(lambda r: nn.unbox(self._init_fn(r)), out_shardings=self.state_sharding)(rng)
+      state = jax.jit(lambda r: nn.unbox(self._init_fn(r)), out_shardings=self.state_sharding)(rng)
+      if self.config.init_from is not None:
+        state = self._with_pretrained_encoder(state)
+      return state
     abstract = _abstract_with_shardings(abstract_boxed, self.state_sharding)
     self.checkpointer.check_params_match(latest, abstract.params)
     state, data_state = self.checkpointer.restore(latest, abstract)
     self.loader.set_state(data_state)
     print(f"Resumed from {self.checkpointer.directory}/{latest}", flush=True)
     return state
+
+  def _with_pretrained_encoder(self, state: TrainState) -> TrainState:
+    """``params['encoder']`` from the newest checkpoint of the run in ``config.init_from``; nothing else."""
+    source = checkpoint_lib.Checkpointer(os.path.join(self.config.init_from, "checkpoints"), max_to_keep=1)
+    step = source.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"config.init_from={self.config.init_from!r} holds no checkpoint in "
+                              f"{source.directory}")
+    abstract = _abstract_with_shardings(state.params["encoder"], self.state_sharding.params["encoder"])
+    source.check_params_match(step, abstract, subtree="encoder",
+                              hint="Set config.model to the encoder that run trained (its config.json).")
+    encoder = source.restore_params(step, {"encoder": abstract})["encoder"]
+    source.close()
+    print(f"Encoder initialised from {source.directory}/{step}", flush=True)
+    return state.replace(params={**state.params, "encoder": encoder})
 
 
 def _check_finite(step_metrics: list[tuple[int, dict]], checkpointer) -> None:
@@ -139,39 +186,73 @@ def _mean_metrics(step_metrics: list[tuple[int, dict]]) -> dict[str, float]:
   return scalars
 
 
-def pretrain(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
-  """Runs (or resumes) pretraining in ``workdir``; returns the final state and the last logged metrics."""
+def _every(period_steps: Optional[float], step: int, is_last: bool) -> bool:
+  return period_steps is not None and (step % max(int(round(period_steps)), 1) == 0 or is_last)
+
+
+class _Logger:
+  """Progress line on every process; JSONL and TensorBoard from the lead only."""
+
+  def __init__(self, run: _Run):
+    self._lead = run.is_lead
+    self.progress = metrics_lib.ProgressLine(run.total_steps, run.config.batch_size)
+    if self._lead:
+      os.makedirs(run.workdir, exist_ok=True)
+      with open(os.path.join(run.workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(run.config.to_json_best_effort(indent=2))
+      self._jsonl = metrics_lib.JsonlWriter(os.path.join(run.workdir, "metrics.jsonl"))
+      self._tensorboard = metrics_lib.TensorBoardWriter(os.path.join(run.workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if self._lead:
+      self._jsonl.write(step, scalars)
+      self._tensorboard.write_scalars(step, scalars)
+
+  def close(self) -> None:
+    self.progress.close()
+    if self._lead:
+      self._jsonl.close()
+      self._tensorboard.close()
+
+
+def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
+  """Runs (or resumes) a training run in ``workdir``; returns the final state and the last logged metrics.
+
+  Pretraining and fine-tuning alike: the method bundle of ``config.method.name`` says what is trained.
+  """
   run = _Run(config, workdir)
   cfg = run.config
   state = run.initial_state()
-  train_step = jax.jit(make_train_step(run.method, run.tx, run.schedule),
+  device_augment = device_augment_lib.build_device_augmentation(cfg.data)
+  train_step = jax.jit(make_train_step(run.method, run.tx, run.schedule, probe=run.probe,
+                                       prepare_batch=device_augment),
                        in_shardings=(run.state_sharding, run.batch_sharding),
                        out_shardings=(run.state_sharding, parallel.replicated(run.mesh)),
                        donate_argnums=(0,))
+  held_out = monitors.make_held_out_evaluation(run.method, cfg, run.mesh, run.state_sharding)
+  eval_period = None if held_out is None else cfg.eval.every_epochs * run.steps_per_epoch
+  monitor_period = cfg.monitor.every_steps or cfg.checkpoint.every_steps
   # Every process computes the pictures (parameters may span hosts); only the lead writes them.
   visualize = None
   if run.method.visualize:
     visualize = jax.jit(run.method.visualize, out_shardings=parallel.replicated(run.mesh))
     viz_batch = _viz_batch(cfg)
 
-  if run.is_lead:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
-    jsonl = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
-    tensorboard = metrics_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard"))
-  progress = metrics_lib.ProgressLine(run.total_steps, cfg.batch_size)
+  logger = _Logger(run)
   print(f"{cfg.method.name} | {cfg.model.variant} | {jax.device_count()} {jax.default_backend()} device(s) | "
         f"{run.steps_per_epoch} steps/epoch | {run.total_steps} steps | workdir {os.path.abspath(workdir)}",
         flush=True)
+  start_step = int(state.step)
+  if run.monitor is not None and start_step == 0:
+    logger.write(0, {name: value for name, value in _evaluate(run, state, 0, None, True).items()
+                     if name != "seconds"})
 
+  batches = prefetch.DevicePrefetcher(run.loader, lambda batch: parallel.global_batch(batch, run.batch_sharding))
   pending: list[tuple[int, Any]] = []
   last_scalars: dict[str, float] = {}
-  start_step = int(state.step)
   first_step_start = time.time()
   for step in range(start_step + 1, run.total_steps + 1):
-    batch = parallel.global_batch(next(run.loader), run.batch_sharding)
-    state, step_metrics = train_step(state, batch)
+    state, step_metrics = train_step(state, next(batches))
     pending.append((step, step_metrics))
     is_last = step == run.total_steps
     log_now = step % cfg.log_every_steps == 0 or is_last or step == start_step + 1
@@ -180,34 +261,70 @@ def pretrain(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
       fetched = jax.device_get(pending)
       _check_finite(fetched, run.checkpointer)
       pending.clear()
-      if log_now:
-        last_scalars = _mean_metrics(fetched)
-        if step == start_step + 1:
-          print(f"first step (with compilation) took {time.time() - first_step_start:.1f}s", flush=True)
-        images_per_s = progress.report(step, {k: last_scalars[k] for k in ("loss", "lr")})
-        if math.isfinite(images_per_s):
-          last_scalars["images_per_s"] = images_per_s
-        if run.is_lead:
-          jsonl.write(step, last_scalars)
-          tensorboard.write_scalars(step, last_scalars)
+    evaluated = _evaluate(run, state, step, held_out if _every(eval_period, step, is_last) else None,
+                          run.monitor is not None and _every(monitor_period, step, is_last))
+    logger.progress.exclude(evaluated.pop("seconds", 0.0))
+    if log_now:
+      last_scalars = _mean_metrics(fetched)
+      if step == start_step + 1:
+        print(f"first step (with compilation) took {time.time() - first_step_start:.1f}s", flush=True)
+      images_per_s = logger.progress.report(step, {k: last_scalars[k] for k in ("loss", "lr")})
+      if math.isfinite(images_per_s):
+        last_scalars["images_per_s"] = images_per_s
+    if evaluated:
+      last_scalars.update(evaluated)
+    if log_now or evaluated:
+      logger.write(step, last_scalars if log_now else evaluated)
     if save_now:
-      run.checkpointer.save(step, state, run.loader.get_state())
+      run.checkpointer.save(step, state, batches.get_state())
     if visualize is not None and (step % cfg.viz_every_steps == 0 or is_last):
+      jax.block_until_ready(state)
+      viz_start = time.time()
       rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step)
       pictures = jax.device_get(visualize(state.params, state.method_state, viz_batch, rng))
       if run.is_lead:
         path = os.path.join(workdir, "pictures", f"step_{step:07d}.png")
         viz.save_image_grid(path, {name: viz.denormalize(images, cfg.data.mean, cfg.data.std)
                                    for name, images in pictures.items()})
-  progress.close()
+      logger.progress.exclude(time.time() - viz_start)
+  batches.close()
+  logger.close()
   run.checkpointer.close()
+  if run.best is not None:
+    run.best.close()
   if run.is_lead:
-    jsonl.close()
-    tensorboard.close()
+    _write_results(run, last_scalars)
     print(f"done: step {int(state.step)} | loss {last_scalars.get('loss', float('nan')):.4f} | "
-          f"checkpoints in {run.checkpointer.directory} | pictures in {os.path.join(workdir, 'pictures')}",
-          flush=True)
+          f"checkpoints in {run.checkpointer.directory}", flush=True)
   return state, last_scalars
+
+
+def _evaluate(run: _Run, state: TrainState, step: int, held_out: Optional[Callable[[TrainState], dict]],
+              monitor: bool) -> dict[str, float]:
+  """Held-out evaluation and monitor reports due at ``step`` (+ 'seconds' they took), best checkpoint."""
+  if held_out is None and not monitor:
+    return {}
+  jax.block_until_ready(state)  # the steps in flight are training time, not evaluation time
+  start = time.time()
+  out = {}
+  if monitor:
+    out.update(run.monitor.report(state.params["encoder"], state.probe and state.probe["params"]))
+  if held_out is not None:
+    scores = held_out(state)
+    print(f"step {step}: " + " | ".join(f"{name} {value:.2f}" for name, value in scores.items()), flush=True)
+    if run.best is not None:
+      run.best.maybe_save(step, state, scores)
+    out.update(scores)
+  out["seconds"] = time.time() - start
+  return out
+
+
+def _write_results(run: _Run, last_scalars: dict[str, float]) -> None:
+  results = {"task": run.config.task, "init_from": run.config.init_from, "last": last_scalars}
+  if run.best is not None:
+    results["best"] = run.best.summary()
+  with open(os.path.join(run.workdir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
 
 
 def _viz_batch(config) -> dict:

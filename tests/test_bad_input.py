@@ -40,27 +40,27 @@ def test_unknown_config_key_in_a_config_file_is_named():
 def test_mask_ratio_outside_the_open_unit_interval(tmp_path, monkeypatch, ratio):
   _never_compile(monkeypatch)
   with pytest.raises(ValueError, match="config.method.mask_ratio"):
-    train.pretrain(tiny_run_config(**{"method.mask_ratio": ratio}), str(tmp_path))
+    train.train(tiny_run_config(**{"method.mask_ratio": ratio}), str(tmp_path))
 
 
 def test_image_size_not_divisible_by_patch(tmp_path, monkeypatch):
   _never_compile(monkeypatch)
   with pytest.raises(ValueError, match=r"config.data.image_size=30 .*patch size 7"):
-    train.pretrain(tiny_run_config(**{"data.image_size": 30}), str(tmp_path))
+    train.train(tiny_run_config(**{"data.image_size": 30}), str(tmp_path))
 
 
 def test_batch_not_divisible_by_device_count(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, "device_count", lambda: 8)
   _never_compile(monkeypatch)
   with pytest.raises(ValueError, match=r"config.batch_size=12 .*device count \(8\)"):
-    train.pretrain(tiny_run_config(batch_size=12), str(tmp_path))
+    train.train(tiny_run_config(batch_size=12), str(tmp_path))
 
 
 def test_workdir_with_a_checkpoint_of_another_model(tmp_path, monkeypatch):
-  train.pretrain(tiny_run_config(total_steps=2), str(tmp_path))
+  train.train(tiny_run_config(total_steps=2), str(tmp_path))
   _never_compile(monkeypatch)
   with pytest.raises(ValueError, match=r"(?s)checkpoints/2 belongs to another model.*encoder"):
-    train.pretrain(tiny_run_config(total_steps=4, **{"model.width": 48}), str(tmp_path))
+    train.train(tiny_run_config(total_steps=4, **{"model.width": 48}), str(tmp_path))
 
 
 def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -68,7 +68,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
   config = tiny_run_config(total_steps=12, **{"optimizer.base_lr": 1e30, "checkpoint.every_steps": 1,
                                               "schedule.warmup_epochs": 4 / 3750})
   with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+); stopping") as error:
-    train.pretrain(config, str(tmp_path))
+    train.train(config, str(tmp_path))
   bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
   kept = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
   assert kept and max(kept) < bad_step

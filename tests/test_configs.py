@@ -103,6 +103,6 @@ def test_local_vitb_recipe_trains_from_a_tfds_array_record_dataset(tmp_path):
   config = load_config("mae_vitb", "local")
   config.data.update(dict(dataset="sslx_tiny_rgb", data_dir=data_dir))
   config.total_steps = 2
-  state, last = train.pretrain(config, str(tmp_path / "run"))
+  state, last = train.train(config, str(tmp_path / "run"))
   assert int(state.step) == 2 and np.isfinite(last["loss"])
   assert os.listdir(tmp_path / "run" / "pictures") == ["step_0000002.png"]

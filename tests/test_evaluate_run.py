@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def pretrained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pretrained"))
   config = tiny_run_config(total_steps=4)
-  state, _ = train.pretrain(config, workdir)
+  state, _ = train.train(config, workdir)
   return config, workdir, state
 
 

@@ -183,12 +183,11 @@ for fsdp in (1, 2):
   sharded, labels = features.extract_features(model.apply, params, batches, pooling="mean", mesh=mesh)
   np.testing.assert_allclose(sharded, plain, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(labels, np.arange(12))
-try:
-  features.extract_features(model.apply, params, [dict(image=images[:6], label=np.arange(6))], mesh=mesh)
-except ValueError as error:
-  assert "divisible" in str(error)
-else:
-  raise AssertionError("a batch of 6 on 4 devices should be refused")
+# 6 rows do not split over 4 devices: padded to 8 with masked rows, which never come back.
+odd, odd_labels = features.extract_features(model.apply, params, [dict(image=images[:6], label=np.arange(6))],
+                                            pooling="mean", mesh=mesh)
+np.testing.assert_allclose(odd, plain[:6], rtol=1e-5, atol=1e-6)
+np.testing.assert_array_equal(odd_labels, np.arange(6))
 print("features match")
 """
 

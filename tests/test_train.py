@@ -46,17 +46,17 @@ def test_quickstart_cli_writes_checkpoint_metrics_and_pictures(tmp_path):
 
 
 def test_loss_falls_and_run_is_reproducible(tmp_path):
-  _, first = train.pretrain(tiny_run_config(total_steps=30, **{"checkpoint.every_steps": 30}), str(tmp_path / "a"))
+  _, first = train.train(tiny_run_config(total_steps=30, **{"checkpoint.every_steps": 30}), str(tmp_path / "a"))
   losses = logged_losses(tmp_path / "a")
   assert np.mean([losses[s] for s in range(26, 31)]) < 0.9 * np.mean([losses[s] for s in range(1, 6)])
-  train.pretrain(tiny_run_config(total_steps=30, **{"checkpoint.every_steps": 30}), str(tmp_path / "b"))
+  train.train(tiny_run_config(total_steps=30, **{"checkpoint.every_steps": 30}), str(tmp_path / "b"))
   assert logged_losses(tmp_path / "b") == losses
   assert first["loss"] == losses[30]
 
 
 def test_resume_after_kill_continues_exactly(tmp_path):
   uninterrupted = tmp_path / "uninterrupted"
-  train.pretrain(tiny_run_config(), str(uninterrupted))
+  train.train(tiny_run_config(), str(uninterrupted))
   expected = logged_losses(uninterrupted)
 
   killed = tmp_path / "killed"
@@ -74,7 +74,7 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     if step.isdigit() and int(step) > 4:
       shutil.rmtree(killed / "checkpoints" / step)
 
-  train.pretrain(tiny_run_config(), str(killed))
+  train.train(tiny_run_config(), str(killed))
   resumed = logged_losses(killed)
   assert [resumed[step] for step in (5, 6)] == [expected[step] for step in (5, 6)]
 
@@ -84,9 +84,13 @@ def test_one_and_eight_devices_give_the_same_step(tmp_path, fsdp):
   one = _train_in_subprocess(tmp_path / "one", tmp_path / "one.npz", num_devices=1, total_steps=1)
   eight = _train_in_subprocess(tmp_path / "eight", tmp_path / "eight.npz", num_devices=8, total_steps=1,
                                **{"parallel.fsdp": fsdp})
-  one_row, eight_row = (_metrics_rows(tmp_path / name)[0] for name in ("one", "eight"))
-  for key in ("loss", "grad_norm", "param_norm"):
+  (one_monitor, one_row), (eight_monitor, eight_row) = (_metrics_rows(tmp_path / name)[:2] for name in ("one", "eight"))
+  for key in ("loss", "grad_norm", "param_norm", "probe/loss"):
     np.testing.assert_allclose(eight_row[key], one_row[key], rtol=1e-6, err_msg=key)
+  # The step-0 monitor report (kNN on sharded feature extraction, diagnostics) is the same on 8 devices.
+  assert one_monitor["step"] == 0 and one_monitor.keys() == eight_monitor.keys()
+  for key in one_monitor:
+    np.testing.assert_allclose(eight_monitor[key], one_monitor[key], rtol=1e-4, err_msg=key)
   assert one.keys() == eight.keys()
   for name in one:
     # Adam's first step is lr * g / (|g| + 1e-8): for the few entries whose true gradient is ~1e-9 (the key
@@ -146,7 +150,7 @@ def test_resume_on_a_different_device_count(tmp_path):
   _train_in_subprocess(moved, tmp_path / "moved8.npz", num_devices=8, total_steps=4, **{"parallel.fsdp": 4})
   shutil.rmtree(moved / "checkpoints" / "4")  # as if the 8-device job had stopped after saving step 2
   resumed = _train_in_subprocess(moved, tmp_path / "moved1.npz", num_devices=1, total_steps=4)
-  losses, reference_losses = _metrics_rows(moved), _metrics_rows(reference)
+  losses, reference_losses = ([row for row in _metrics_rows(workdir) if "loss" in row] for workdir in (moved, reference))
   assert [row["step"] for row in losses[-2:]] == [3, 4]  # logged by the resumed run
   np.testing.assert_allclose([r["loss"] for r in losses[-2:]], [r["loss"] for r in reference_losses[2:4]],
                              rtol=1e-5)

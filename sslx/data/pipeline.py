@@ -6,7 +6,9 @@ Training is one index-addressable ``grain.MapDataset``::
          -> [process_index::process_count] -> batch -> map(normalize)
 
 ``views.py`` says what a batch holds (one 'image', or the views a method asks for) and how the
-augmentations come from the config.
+augmentations come from the config. With ``config.data.augment_on='device'`` ``random_map`` runs
+only each view's leading crops and flips and ``map`` normalizes nothing: batches hold uint8 views,
+which ``device_augment.build_device_augmentation`` finishes inside the jitted step.
 
 ``shuffle`` draws a fresh permutation per epoch and ``random_map`` seeds each example's generator
 with (seed, position in the endless stream), position = epoch * num_examples + index in the epoch.
@@ -37,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from sslx import config as config_lib
+from sslx.data import device_augment
 from sslx.data import sources
 from sslx.data import transforms
 from sslx.data import views
@@ -222,7 +225,7 @@ def make_train_loader(data_config, *, global_batch_size: int, seed: int, process
                      f"process_count={process_count}")
   if not _is_int(seed) or seed < 0:
     raise ValueError(f"seed must be a non-negative int; got {seed!r}")
-  augmentations = views.build_views(data_config)
+  augmentations = _build_train_views(data_config)
   source = sources.SkipBadExamples(sources.make_source(data_config, data_config.split))
   size = data_config.image_size
   local_batch_size = global_batch_size // process_count
@@ -230,8 +233,10 @@ def make_train_loader(data_config, *, global_batch_size: int, seed: int, process
   dataset = dataset.random_map(views.TrainViews(tuple(augmentations.items()),
                                                 split_rng=data_config.get("views") is not None))
   dataset = dataset[process_index::process_count].batch(local_batch_size, drop_remainder=True)
+  on_device = data_config.get("augment_on", "host") == "device"
+  keys_to_normalize = () if on_device else views.keys_to_normalize(augmentations)
   dataset = dataset.map(views.ToModelInput(tuple(data_config.mean), tuple(data_config.std),
-                                           views.keys_to_normalize(augmentations)))
+                                           keys_to_normalize))
   identity = dict(seed=seed, global_batch_size=global_batch_size, num_examples=len(source))
   return TrainLoader(dataset, num_examples=len(source),
                      image_shape=(size, size, data_config.channels),
@@ -284,10 +289,18 @@ def validate_data_config(data_config) -> None:
     FileNotFoundError: the data for ``split`` or ``eval_split`` is not where the config says.
   """
   _check_values(data_config)
-  views.build_views(data_config)
+  _build_train_views(data_config)
+  device_augment.build_device_augmentation(data_config)
   for key in ("split", "eval_split"):
     if data_config[key] is not None:
       sources.make_source(data_config, data_config[key])
+
+
+def _build_train_views(data_config) -> dict[str, transforms.Augmentation]:
+  """The augmentation each view runs in the data workers: all of it, or its host part."""
+  if data_config.get("augment_on", "host") == "device":
+    return views.build_views(data_config, host_part=device_augment.host_part)
+  return views.build_views(data_config)
 
 
 _REQUIRED_KEYS = ("source", "dataset", "data_dir", "split", "eval_split", "image_size", "channels",
@@ -322,6 +335,9 @@ def _check_values(c) -> None:
   _require(_is_int(c.num_workers) and c.num_workers >= 0, "num_workers", c.num_workers,
            "an int >= 0 (0 reads in this process)")
   _require(_is_int(c.prefetch) and c.prefetch >= 1, "prefetch", c.prefetch, "an int >= 1")
+  _require(c.get("augment_on", "host") in device_augment.AUGMENT_ON, "augment_on",
+           c.get("augment_on"), f"one of {device_augment.AUGMENT_ON}: where the ops after each "
+           "view's crops and flips run (data workers or the jitted step)")
   crop_fraction = c.get("eval_crop_fraction", DEFAULT_EVAL_CROP_FRACTION)
   _require(0 < crop_fraction <= 1, "eval_crop_fraction", crop_fraction, "in (0, 1]")
   if c.source == "idx":

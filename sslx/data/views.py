@@ -27,11 +27,15 @@ Without views, ``config.data.augmentation`` (a spec whose crop size is ``image_s
 'image'; None means a random resized crop and optional flip from ``config.data.augment``. Images of
 a spec that does not end in ``normalize`` are normalized per batch with ``config.data.mean`` and
 ``std``, one vectorised pass instead of one per image.
+
+With ``config.data.augment_on='device'`` the workers run only each spec's leading crops and flips
+(``device_augment.split_spec``) and the views stay uint8 (B, S_i, S_i, C); the jitted step finishes
+them with ``device_augment.build_device_augmentation``, which gives the float32 views above.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable, Optional
 
 import grain
 import numpy as np
@@ -54,40 +58,55 @@ def default_spec(data_config) -> str:
   return spec + "|hflip" if aug.hflip else spec
 
 
-def build_views(data_config) -> dict[str, transforms.Augmentation]:
+def view_specs(data_config) -> dict[str, tuple[str, str]]:
+  """``{batch key: (config key, spec)}`` of the training views, e.g. ``{'view_0': ('views[0]', ...)}``.
+
+  Raises:
+    ValueError: both ``config.data.augmentation`` and ``views`` are set, or ``views`` is not a
+      non-empty list of strings.
+  """
+  augmentation = data_config.get("augmentation")
+  specs = data_config.get("views")
+  if specs is None:
+    return {"image": ("augmentation", default_spec(data_config) if augmentation is None
+                      else augmentation)}
+  if augmentation is not None:
+    raise ValueError("config.data.augmentation and config.data.views are both set; with views "
+                     "each view's spec is its whole augmentation, so set only config.data.views")
+  if (not isinstance(specs, (tuple, list)) or not specs
+      or not all(isinstance(spec, str) for spec in specs)):
+    raise ValueError(f"config.data.views={specs!r} is invalid; expected None or a non-empty "
+                     "list of augmentation spec strings, one per view")
+  return {f"view_{i}": (f"views[{i}]", spec) for i, spec in enumerate(specs)}
+
+
+def build_views(data_config,
+                host_part: Optional[Callable[[str], str]] = None) -> dict[str, transforms.Augmentation]:
   """The batch key and augmentation of every training view, checked (see the module docstring).
+
+  Args:
+    data_config: ``config.data``.
+    host_part: maps a view's spec to the part that runs here, in the data workers
+      (``device_augment.host_part`` with ``config.data.augment_on='device'``); None: all of it.
 
   Raises:
     ValueError: naming ``config.data.augmentation`` or ``config.data.views[i]`` when a spec does
       not parse, has no crop (its images would differ in size), has the wrong size, or fails on an
       image with ``config.data.channels`` channels; or when both keys are set.
   """
-  augmentation = data_config.get("augmentation")
-  view_specs = data_config.get("views")
-  if view_specs is None:
-    spec = default_spec(data_config) if augmentation is None else augmentation
-    specs = {"image": ("augmentation", spec)}
-  else:
-    if augmentation is not None:
-      raise ValueError("config.data.augmentation and config.data.views are both set; with views "
-                       "each view's spec is its whole augmentation, so set only config.data.views")
-    if (not isinstance(view_specs, (tuple, list)) or not view_specs
-        or not all(isinstance(spec, str) for spec in view_specs)):
-      raise ValueError(f"config.data.views={view_specs!r} is invalid; expected None or a non-empty "
-                       "list of augmentation spec strings, one per view")
-    specs = {f"view_{i}": (f"views[{i}]", spec) for i, spec in enumerate(view_specs)}
   built = {}
-  for batch_key, (config_key, spec) in specs.items():
+  for batch_key, (config_key, spec) in view_specs(data_config).items():
     built[batch_key] = _build_checked(data_config, config_key, spec,
-                                      batch_key in ("image", "view_0"))
+                                      batch_key in ("image", "view_0"), host_part)
   return built
 
 
-def _build_checked(data_config, config_key: str, spec: str,
-                   is_model_size: bool) -> transforms.Augmentation:
+def _build_checked(data_config, config_key: str, spec: str, is_model_size: bool,
+                   host_part: Optional[Callable[[str], str]]) -> transforms.Augmentation:
   where = f"config.data.{config_key}={spec!r}"
   try:
-    augmentation = transforms.build_augmentation(spec, mean=tuple(data_config.mean),
+    augmentation = transforms.build_augmentation(host_part(spec) if host_part else spec,
+                                                 mean=tuple(data_config.mean),
                                                  std=tuple(data_config.std))
   except ValueError as e:
     raise ValueError(f"{where} is invalid: {e}") from None

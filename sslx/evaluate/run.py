@@ -9,6 +9,7 @@ Results are printed and written to ``<workdir>/results.json``.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -22,9 +23,7 @@ import numpy as np
 
 from sslx import checkpoint as checkpoint_lib
 from sslx import config as config_lib
-from sslx import optim
 from sslx import parallel
-from sslx import train
 from sslx.data import pipeline
 from sslx.evaluate import features as features_lib
 from sslx.evaluate import knn
@@ -43,26 +42,33 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def restore_encoder(run_config, workdir: str) -> Any:
-  """The encoder parameters of the newest checkpoint in ``workdir``, replicated on this host's mesh."""
+def restore_encoder(run_config, workdir: str, mesh=None) -> Any:
+  """The encoder parameters of the newest checkpoint in ``workdir``, replicated over ``mesh``.
+
+  Only ``params['encoder']`` is read (no optimizer or method state). ``mesh`` (default
+  ``parallel.create_mesh(1)``) spans the devices of every process, so each process holds a full copy:
+  the encoder is frozen and only the batch is split.
+  """
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=1)
   step = checkpointer.latest_step()
   if step is None:
     raise FileNotFoundError(f"config.init_from={workdir!r} has no checkpoint in {checkpointer.directory}")
-  method = build_method(run_config)
-  tx = optim.build_optimizer(run_config, lambda count: 0.0)
   size = run_config.data.image_size
-  image_shape = (size, size, run_config.data.channels)
-  abstract = jax.eval_shape(lambda rng: train.init_train_state(method, tx, rng, image_shape), jax.random.PRNGKey(0))
-  mesh = parallel.create_mesh(1)
-  shardings = jax.tree.map(lambda _: parallel.replicated(mesh), nn.unbox(abstract))
-  abstract = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                          nn.unbox(abstract), shardings)
-  checkpointer.check_params_match(step, abstract.params)
-  state, _ = checkpointer.restore(step, abstract)
+  example = {"image": jax.ShapeDtypeStruct((1, size, size, run_config.data.channels), np.float32),
+             "label": jax.ShapeDtypeStruct((1,), np.int32)}
+  method = build_method(run_config)
+  params = jax.eval_shape(lambda rng, batch: method.init(rng, batch)[0], jax.random.PRNGKey(0), example)
+  replicated = parallel.replicated(parallel.create_mesh(1) if mesh is None else mesh)
+  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated),
+                          nn.unbox(params)["encoder"])
+  checkpointer.check_params_match(step, abstract, subtree="encoder",
+                                  hint=f"The config.json in config.init_from={workdir!r} does not describe its "
+                                  "checkpoint (edited, or written by another sslx version).")
+  encoder = checkpointer.restore_params(step, {"encoder": abstract})["encoder"]
   checkpointer.close()
-  print(f"Encoder from {checkpointer.directory}/{step}", flush=True)
-  return state.params["encoder"]
+  if jax.process_index() == 0:
+    print(f"Encoder from {checkpointer.directory}/{step}", flush=True)
+  return encoder
 
 
 def random_encoder(model_config, data_config, seed: int) -> Any:
@@ -73,21 +79,49 @@ def random_encoder(model_config, data_config, seed: int) -> Any:
   return nn.unbox(variables)["params"]
 
 
-def encoder_features(model_config, encoder_params, data_config, eval_config, split: str, limit=None):
-  """Features of the first ``limit`` examples (in the split's order; None: all) of ``split``."""
-  loader = pipeline.make_eval_loader(data_config, split=split, batch_size=eval_config.batch_size)
+@functools.lru_cache(maxsize=None)
+def _encoder_apply(encoder: nn.Module):
+  """One bound ``apply`` per distinct encoder: modules built from equal configs compare equal, and
+  extraction compiles once per ``apply`` object, so the bank and the queries share one program."""
+  return encoder.apply
+
+
+def local_batch_size(eval_config) -> int:
+  num_processes = jax.process_count()
+  if eval_config.batch_size % num_processes:
+    raise ValueError(f"config.eval.batch_size={eval_config.batch_size} must be divisible by the process count "
+                     f"{num_processes}")
+  return eval_config.batch_size // num_processes
+
+
+def encoder_features(model_config, encoder_params, data_config, eval_config, split: str, limit=None, mesh=None):
+  """Features of the first ``limit`` examples (in the split's order; None: all) of ``split``.
+
+  ``config.eval.batch_size`` is global: each process reads its share (``batch_size / process_count``
+  rows per batch) and every process gets all the features. ``mesh`` defaults to
+  ``parallel.create_mesh(1)``, all devices of all processes.
+  """
+  loader = pipeline.make_eval_loader(data_config, split=split, batch_size=local_batch_size(eval_config),
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+  # The first k local batches of all processes together are the first k global batches of the split.
   batches = iter(loader) if limit is None else itertools.islice(loader, -(-limit // eval_config.batch_size))
-  apply = vit.encoder_from_config(model_config).apply
-  return features_lib.extract_features(apply, encoder_params, batches, pooling=eval_config.pooling)
+  apply = _encoder_apply(vit.encoder_from_config(model_config))
+  return features_lib.extract_features(apply, encoder_params, batches, pooling=eval_config.pooling,
+                                       mesh=parallel.create_mesh(1) if mesh is None else mesh)
 
 
 def evaluate_encoder(task: str, model_config, encoder_params, data_config, eval_config) -> dict[str, float]:
-  """kNN (``task='knn'``) or linear-probe (``'linear_probe'``) accuracies of one encoder, in percent."""
+  """kNN (``task='knn'``) or linear-probe (``'linear_probe'``) accuracies of one encoder, in percent.
+
+  Features are extracted over the mesh of all processes; the kNN / probe then runs on every process
+  alike (same features, same seed), so every process returns the same accuracies.
+  """
   start = time.time()
+  mesh = parallel.create_mesh(1)
   train_x, train_y = encoder_features(model_config, encoder_params, data_config, eval_config, data_config.split,
-                                      eval_config.max_train_examples)
+                                      eval_config.max_train_examples, mesh=mesh)
   test_x, test_y = encoder_features(model_config, encoder_params, data_config, eval_config,
-                                    data_config.eval_split)
+                                    data_config.eval_split, mesh=mesh)
   num_classes = int(max(train_y.max(), test_y.max())) + 1
   results = {}
   if task == "knn":
@@ -108,8 +142,9 @@ def evaluate_encoder(task: str, model_config, encoder_params, data_config, eval_
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
-  """Entry point of the ``knn`` and ``linear_probe`` tasks."""
+  """Entry point of the ``knn`` and ``linear_probe`` tasks; only process 0 prints and writes results.json."""
   config_lib.validate_eval_config(config.eval)
+  local_batch_size(config.eval)
   if config.init_from is not None:
     run_config = load_run_config(config.init_from)
     model_config, data_config = run_config.model, run_config.data
@@ -121,10 +156,11 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     encoder_params = random_encoder(model_config, data_config, config.seed)
   pipeline.validate_data_config(data_config)
   results = evaluate_encoder(config.task, model_config, encoder_params, data_config, config.eval)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump({"task": config.task, "init_from": config.init_from, **results}, f, indent=2)
-  print(" | ".join(f"{name} {value:.2f}" for name, value in results.items()), flush=True)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+      json.dump({"task": config.task, "init_from": config.init_from, **results}, f, indent=2)
+    print(" | ".join(f"{name} {value:.2f}" for name, value in results.items()), flush=True)
   return results
 
 
@@ -135,6 +171,8 @@ def compare_with_random_init(config, workdir: str, encoder_params) -> dict[str, 
                        (f"pretrained ({config.method.name})", encoder_params)):
     rows[name] = {**evaluate_encoder("knn", config.model, params, config.data, config.eval),
                   **evaluate_encoder("linear_probe", config.model, params, config.data, config.eval)}
+  if jax.process_index() != 0:
+    return rows
   k = config.eval.knn_ks[0]
   print(f"\n{'encoder':<24} {f'kNN top-1 (k={k})':>18} {'linear top-1':>14}   on {config.data.dataset} "
         f"{config.data.eval_split}")

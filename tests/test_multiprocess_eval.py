@@ -1,0 +1,133 @@
+"""Feature extraction and kNN over several processes and devices agree with one process on one device.
+
+The multi-process test starts two real JAX processes on this machine (CPU collectives over gloo, two
+CPU devices each) by running this file as a script: ``python tests/test_multiprocess_eval.py PID PORT
+OUTDIR``.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from unittest import mock
+
+import jax
+import numpy as np
+
+from sslx.evaluate import run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PROCESSES = 2
+
+
+def tiny_knn_config():
+  """kNN of a random 1-block ViT on Fashion-MNIST: the first 1,152 training images, all 10k test images.
+
+  Global batch 384 = 192 rows per process on two processes: the last of the 27 test batches of each
+  process holds 8 of its 5,000 images and 184 padding rows, and the bank limit (1,000) ends inside
+  the third batch.
+  """
+  config = run.eval_task_config("knn")
+  config.model.update(dict(variant="Ti/7", width=32, depth=1, num_heads=2, mlp_dim=64, dtype="float32"))
+  config.eval.update(dict(batch_size=384, max_train_examples=1000, knn_ks=(20,)))
+  return config
+
+
+def evaluate_recording_features(config, workdir):
+  """``run.evaluate``, and the ``{split: (features, labels)}`` it extracted on the way."""
+  extracted, extract = {}, run.encoder_features
+
+  def recording(model_config, params, data_config, eval_config, split, *args, **kwargs):
+    extracted[split] = extract(model_config, params, data_config, eval_config, split, *args, **kwargs)
+    return extracted[split]
+
+  with mock.patch.object(run, "encoder_features", recording):
+    return run.evaluate(config, workdir), extracted
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(**extra):
+  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **extra)
+
+
+def test_two_processes_get_the_single_process_features_and_knn_accuracy(tmp_path):
+  port = _free_port()
+  workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port), str(tmp_path)],
+                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(NUM_PROCESSES)]
+  try:
+    expected_results, expected = evaluate_recording_features(tiny_knn_config(), str(tmp_path / "single"))
+    logs = [worker.communicate(timeout=300)[0] for worker in workers]
+  finally:
+    for worker in workers:
+      worker.kill()
+  for worker, log in zip(workers, logs):
+    assert worker.returncode == 0, log[-3000:]
+
+  assert len(expected["train"][0]) == 1152 and len(expected["test"][0]) == 10_000
+  for i in range(NUM_PROCESSES):
+    got = np.load(tmp_path / f"features_{i}.npz")
+    for split, (features, labels) in expected.items():
+      np.testing.assert_array_equal(got[f"{split}_labels"], labels)
+      np.testing.assert_allclose(got[f"{split}_features"], features, rtol=0, atol=1e-5)
+    with open(tmp_path / f"results_{i}.json", encoding="utf-8") as f:
+      results = json.load(f)
+    assert {k: results[k] for k in ("knn20_top1", "knn20_top5")} == {
+        k: expected_results[k] for k in ("knn20_top1", "knn20_top5")}
+  # Only the first process writes results.json and prints.
+  with open(tmp_path / "eval_0" / "results.json", encoding="utf-8") as f:
+    assert json.load(f)["knn20_top1"] == expected_results["knn20_top1"]
+  assert not os.path.exists(tmp_path / "eval_1")
+  assert "knn20_top1" in logs[0] and "knn20_top1" not in logs[1]
+
+
+_EIGHT_DEVICES_SCRIPT = """
+import itertools
+import jax
+import numpy as np
+from sslx import parallel
+from sslx.data import pipeline
+from sslx.evaluate import features, run
+from sslx.models import vit
+from tests.test_multiprocess_eval import tiny_knn_config
+assert jax.device_count() == 8
+config = tiny_knn_config()
+config.eval.batch_size = 100  # 12.5 rows per device: every batch is padded to 104 rows on the mesh
+params = run.random_encoder(config.model, config.data, config.seed)
+sharded, labels = run.encoder_features(config.model, params, config.data, config.eval, "test", limit=2000)
+batches = list(itertools.islice(pipeline.make_eval_loader(config.data, split="test", batch_size=100), 20))
+apply = vit.encoder_from_config(config.model).apply
+for mesh in (None, parallel.create_mesh(2)):  # one device; 8 devices as data 4 x fsdp 2
+  x, y = features.extract_features(apply, params, batches, mesh=mesh)
+  np.testing.assert_array_equal(y, labels)
+  np.testing.assert_allclose(x, sharded, rtol=0, atol=1e-5)
+print("eight devices match one")
+"""
+
+
+def test_extraction_on_eight_devices_matches_one_device():
+  env = _env(XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES_SCRIPT], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "eight devices match one" in result.stdout
+
+
+if __name__ == "__main__":
+  process_id, port, outdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+  jax.config.update("jax_num_cpu_devices", 2)
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=NUM_PROCESSES,
+                             process_id=process_id)
+  assert jax.device_count() == 2 * NUM_PROCESSES and jax.process_index() == process_id
+  worker_results, worker_features = evaluate_recording_features(
+      tiny_knn_config(), os.path.join(outdir, f"eval_{process_id}"))
+  np.savez(os.path.join(outdir, f"features_{process_id}.npz"),
+           **{f"{split}_{name}": array for split, arrays in worker_features.items()
+              for name, array in zip(("features", "labels"), arrays)})
+  with open(os.path.join(outdir, f"results_{process_id}.json"), "w", encoding="utf-8") as out:
+    json.dump(worker_results, out)
