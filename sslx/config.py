@@ -138,6 +138,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.task={config.task!r} is not one of {TASKS}")
   if config.method.name not in methods.known_methods():
     raise ValueError(f"config.method.name={config.method.name!r} is not one of {methods.known_methods()}")
+  if config.method.name == "finetune":
+    from sslx.evaluate import finetune  # pylint: disable=g-import-not-at-top
+    finetune.validate_finetune_config(config)
   if "mask_ratio" in config.method and not 0.0 < config.method.mask_ratio < 1.0:
     raise ValueError(f"config.method.mask_ratio={config.method.mask_ratio} must lie strictly between 0 and 1")
   patch = vit.parse_variant(config.model.variant)["patch_size"]

@@ -1,10 +1,12 @@
 """Optimizer and learning-rate schedule built from ``config.optimizer`` and ``config.schedule``."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import optax
+
+from sslx.evaluate import finetune_ops
 
 # Parameters whose names contain one of these are embeddings/tokens, which the MAE recipe does not decay.
 _NO_DECAY_NAME_PARTS = ("token", "pos_embed")
@@ -36,9 +38,36 @@ def learning_rate_schedule(config, *, steps_per_epoch: int, total_steps: int) ->
       end_value=config.schedule.min_lr)
 
 
+def validate_layer_decay(layer_decay: Optional[float]) -> None:
+  if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
+    raise ValueError(f"config.optimizer.layer_decay={layer_decay} must lie in (0, 1] (or be None: off)")
+
+
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
+  """Multiplies the update of every leaf by ``decay^(L + 1 - layer)`` (`finetune_ops.layer_decay_multipliers`).
+
+  Chained after AdamW this scales that leaf's whole step, decoupled weight decay included, which is what a
+  per-group learning rate ``lr * decay^(L + 1 - layer)`` does in torch's AdamW (the MAE / BEiT recipe).
+  The multipliers depend only on the tree's names, so they are worked out while tracing and cost nothing.
+  The tree must hold one ViT's ``block_{i}`` only (an encoder plus a head, not an MAE decoder).
+  """
+  def update(updates, state, params=None):
+    multipliers = finetune_ops.layer_decay_multipliers(updates, decay)
+    return finetune_ops.scale_by_layer_decay(multipliers).update(updates, state, params)
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def build_optimizer(config, schedule) -> optax.GradientTransformation:
+  """AdamW with the weight-decay mask; optional global-norm clipping before it and layer-wise lr decay after."""
   opt = config.optimizer
+  # Older runs' config.json files predate layer decay, and their checkpoints hold a bare AdamW state.
+  layer_decay = opt.get("layer_decay")
+  validate_layer_decay(layer_decay)
   adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=weight_decay_mask)
+  parts = [adamw]
   if opt.grad_clip_norm is not None:
-    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw)
-  return adamw
+    parts.insert(0, optax.clip_by_global_norm(opt.grad_clip_norm))
+  if layer_decay is not None:
+    parts.append(scale_by_layer_decay(layer_decay))
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)

@@ -53,7 +53,7 @@ def layer_decay_multipliers(params: Any, decay: float, *, num_layers: Optional[i
   Args:
     params: unboxed encoder (+ head) parameters; wrapper keys such as ``'encoder'`` are fine, but the
       tree must not hold other ``block_{i}`` (e.g. an MAE decoder's) when ``num_layers`` is counted.
-    decay: e.g. 0.75 (MAE ViT-B) or 0.65 (ViT-L).
+    decay: e.g. 0.65 (MAE ViT-B) or 0.75 (ViT-L/H).
     num_layers: ``L``; counted from the ``block_{i}`` names when ``None``.
   """
   num_layers = num_blocks(params) if num_layers is None else num_layers

@@ -27,8 +27,6 @@ class Method:
     after_update: ``(params, method_state, step) -> method_state`` (EMA teachers, queues, ...).
     visualize: optional ``(params, method_state, batch, rng) -> OrderedDict[str, array]`` of image batches in
       the normalised input space, one PNG-grid row each, e.g. original / masked / reconstruction for MAE.
-    embed: optional ``(params, images) -> (B, D)`` float32 features of the frozen encoder in evaluation
-      mode (no masking, no drop path): what online monitors (probe, kNN, diagnostics) look at.
     evaluate: optional ``(params, method_state, batch) -> dict of per-batch sums`` on a held-out batch
       (``batch['mask']`` marks real rows); the loop sums them over the split and logs ``name / count``
       for every name but ``count`` (e.g. a classifier's ``correct_top1``). Used by supervised bundles.
@@ -39,12 +37,13 @@ class Method:
   loss_fn: Callable[..., tuple[Any, tuple[dict, MethodState]]]
   after_update: Callable[[Params, MethodState, Any], MethodState] = lambda params, state, step: state
   visualize: Optional[Callable[..., dict]] = None
-  embed: Optional[Callable[..., Any]] = None
   evaluate: Optional[Callable[..., dict]] = None
 
 
 _REGISTRY = {
     "mae": "sslx.methods.mae",
+    # Supervised fine-tuning of a pretrained encoder is the same kind of bundle, trained by the same loop.
+    "finetune": "sslx.evaluate.finetune",
 }
 
 
