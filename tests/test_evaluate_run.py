@@ -48,6 +48,8 @@ def test_eval_commands_read_the_pretraining_run(pretrained, tmp_path, task, key)
   with open(tmp_path / "results.json", encoding="utf-8") as f:
     results = json.load(f)
   assert results["task"] == task and results["init_from"] == workdir and 40 < results[key] <= 100
+  # The label-free diagnostics of the held-out features are reported too (width 32: rank at most 32).
+  assert 1 < results["diag/rankme"] <= 32 and results["diag/std"] > 0 and results["diag/collapsed"] == 0
 
 
 def test_eval_of_a_workdir_without_a_run_is_a_clear_error(tmp_path):

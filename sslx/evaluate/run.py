@@ -25,11 +25,15 @@ from sslx import checkpoint as checkpoint_lib
 from sslx import config as config_lib
 from sslx import parallel
 from sslx.data import pipeline
+from sslx.evaluate import diagnostics
 from sslx.evaluate import features as features_lib
 from sslx.evaluate import knn
 from sslx.evaluate import linear_probe
 from sslx.methods import build_method
 from sslx.models import vit
+
+
+DIAGNOSTICS_EXAMPLES = 4096
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -137,6 +141,9 @@ def evaluate_encoder(task: str, model_config, encoder_params, data_config, eval_
         train_x, train_y, num_classes, epochs=eval_config.probe_epochs, batch_size=eval_config.probe_batch_size,
         base_lr=eval_config.probe_base_lr, warmup_epochs=eval_config.probe_warmup_epochs)
     results["linear_top1"] = 100 * linear_probe.evaluate_linear_probe(params, stats, test_x, test_y)
+  # Uniformity's Gram matrix is O(N^2): a few thousand held-out rows estimate every diagnostic well.
+  results.update({f"diag/{name}": value
+                  for name, value in diagnostics.summary(test_x[:DIAGNOSTICS_EXAMPLES]).items()})
   results["seconds"] = time.time() - start
   return results
 
