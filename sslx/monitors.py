@@ -110,9 +110,14 @@ class RepresentationMonitor:
 
   def __init__(self, config, mesh):
     self._config, self._mesh = config, mesh
+    self.num_classes = config.monitor.num_classes or self._num_classes_from_labels()
+
+  def _num_classes_from_labels(self) -> Optional[int]:
+    """Largest label + 1 over the monitor's subsets; None for unlabelled data (label -1)."""
+    config = self._config
     labels = np.concatenate([self._labels(config.data.split, config.monitor.knn_train_examples),
                              self._labels(config.data.eval_split, config.monitor.knn_test_examples)])
-    self.num_classes = int(labels.max()) + 1 if labels.size and labels.min() >= 0 else None
+    return int(labels.max()) + 1 if labels.size and labels.min() >= 0 else None
 
   def _labels(self, split: str, limit: int) -> np.ndarray:
     """Labels of the first ``limit`` examples of ``split`` (this process's share suffices to see them)."""

@@ -27,6 +27,7 @@ def mae_imagenet(variant: str, arg: str | None) -> ml_collections.ConfigDict:
   config.data.update(dict(
       source="tfds", dataset="imagenet2012", split="train", eval_split="validation", image_size=224,
       channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=16, prefetch=4))
+  config.monitor.num_classes = 1000  # known, so the monitor need not read labels to find it
   config.batch_size = 4096
   config.num_epochs = 800
   config.schedule.warmup_epochs = 40.0

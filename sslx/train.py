@@ -121,7 +121,7 @@ class _Run:
         config, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
     self.tx = optim.build_optimizer(config, self.schedule)
     self.monitor = monitors.RepresentationMonitor(config, self.mesh) if config.monitor.every_steps != 0 else None
-    num_classes = config.monitor.num_classes or (self.monitor.num_classes if self.monitor else None)
+    num_classes = self.monitor.num_classes if self.monitor else config.monitor.num_classes
     self.probe = monitors.make_online_probe(config, num_classes)
     self.checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
