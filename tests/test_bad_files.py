@@ -95,7 +95,7 @@ def test_worker_processes_give_the_same_batches_and_reports(config, caplog):
   config.num_workers = 2
   loader, batches, reports = run_epochs(config, 6, caplog)
   assert len(batches) == len(reference)
-  for batch, expected in zip(batches, reference):
+  for batch, expected in zip(batches, reference, strict=True):
     for key in ("image", "label"):
       np.testing.assert_array_equal(batch[key], expected[key])
   assert reports == reference_reports and len(reports) == 2 and loader.num_bad_files == 2

@@ -39,7 +39,7 @@ def assert_within_one_level(device_out, host_out):
 
 def run_host(op, images, seeds, **kwargs):
   return np.stack([op(image, np.random.default_rng(seed), **kwargs)
-                   for image, seed in zip(images, seeds)])
+                   for image, seed in zip(images, seeds, strict=True)])
 
 
 # --- The pixel functions compute the host ops for the host's own draws ------------------------------
@@ -65,8 +65,8 @@ def test_jitter_matches_host_for_the_same_draws(strengths, channels):
   images = random_images(13, 11, channels)
   seeds = range(NUM_IMAGES)
   names = ("brightness", "contrast", "saturation", "hue")
-  host = run_host(color.color_jitter, images, seeds, p=0.7, **dict(zip(names, strengths)))
-  apply, order, factors = map(np.stack, zip(*(replay_jitter(s, 0.7, strengths) for s in seeds)))
+  host = run_host(color.color_jitter, images, seeds, p=0.7, **dict(zip(names, strengths, strict=True)))
+  apply, order, factors = map(np.stack, zip(*(replay_jitter(s, 0.7, strengths) for s in seeds), strict=True))
   assert apply.any() and not apply.all()
   device = device_augment.jitter_pixels(jnp.asarray(images, jnp.float32), apply, order,
                                         jnp.asarray(factors, jnp.float32),
@@ -84,7 +84,7 @@ def test_blur_matches_host_for_the_same_draws(shape, kernel_size):
                   kernel_size=kernel_size)
   draws = [np.random.default_rng(s) for s in seeds]
   apply = np.array([rng.random() < 0.6 for rng in draws])
-  sigma = np.array([rng.uniform(0.3, 2.5) if a else 1.0 for rng, a in zip(draws, apply)])
+  sigma = np.array([rng.uniform(0.3, 2.5) if a else 1.0 for rng, a in zip(draws, apply, strict=True)])
   assert apply.any() and not apply.all()
   device = device_augment.blur_pixels(jnp.asarray(images, jnp.float32), apply,
                                       jnp.asarray(sigma, jnp.float32), kernel_size)
@@ -142,7 +142,7 @@ N_DRAWS = 24_000
 def test_each_op_applies_with_probability_p(p):
   spec = f"hflip(p={p})|color_jitter(0.5, p={p})|grayscale(p={p})|blur(p={p})|solarize(p={p})"
   ops = device_augment.build_device_ops(spec, mean=(0.5,), std=(0.5,))
-  for op, key in zip(ops[:-1], jax.random.split(jax.random.key(0), 5)):
+  for op, key in zip(ops[:-1], jax.random.split(jax.random.key(0), 5), strict=True):
     params = op.sample(key, N_DRAWS)
     applied = params["flip"] if "flip" in params else params["apply"]
     # 4.5 standard deviations of a binomial frequency over N_DRAWS draws.
@@ -276,7 +276,7 @@ def test_device_mode_equals_host_mode_when_the_draws_do_not_matter(make_config, 
   host = take(make_config(spec), 2)
   device = take_on_device(make_config(spec), 2)
   std = min(make_config(spec).std)
-  for host_batch, device_batch in zip(host, device):
+  for host_batch, device_batch in zip(host, device, strict=True):
     assert host_batch.keys() == device_batch.keys()
     for key, value in host_batch.items():
       assert device_batch[key].shape == value.shape and device_batch[key].dtype == value.dtype

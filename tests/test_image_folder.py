@@ -42,7 +42,7 @@ def write_corrupt_files(directory):
     data = f.read()
   os.remove(whole)
   paths = [os.path.join(directory, name) for name in ("truncated.jpg", "text.jpg", "empty.png")]
-  for path, content in zip(paths, (data[:len(data) // 2], b"not an image\n", b"")):
+  for path, content in zip(paths, (data[:len(data) // 2], b"not an image\n", b""), strict=True):
     with open(path, "wb") as f:
       f.write(content)
   return paths

@@ -36,7 +36,7 @@ def test_simclr_two_views_differ_but_are_reproducible(config):
     for key in ("view_0", "view_1"):
       assert batch[key].shape == (8, 32, 32, 3) and batch[key].dtype == np.float32
     # The same spec, independent randomness: every row's two views differ.
-    assert all(not np.array_equal(a, b) for a, b in zip(batch["view_0"], batch["view_1"]))
+    assert all(not np.array_equal(a, b) for a, b in zip(batch["view_0"], batch["view_1"], strict=True))
   assert_same_batches(take(config, 2), batches)
   other_seed = take(config, 1, seed=1)[0]
   assert not np.array_equal(other_seed["view_0"], batches[0]["view_0"])

@@ -82,7 +82,7 @@ def test_each_epoch_augments_anew(config):
   epoch0, epoch1 = take(loader, 2)
   images0 = epoch0["image"][np.argsort(epoch0["label"])]
   images1 = epoch1["image"][np.argsort(epoch1["label"])]
-  differs = [not np.array_equal(a, b) for a, b in zip(images0, images1)]
+  differs = [not np.array_equal(a, b) for a, b in zip(images0, images1, strict=True)]
   assert np.mean(differs) > 0.9
 
 

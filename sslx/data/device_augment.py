@@ -331,7 +331,7 @@ def build_device_ops(device_spec: str, *, mean: Sequence[float],
   calls = transforms.parse_ops(device_spec)
   host_ops = transforms.build_augmentation(device_spec, mean=mean, std=std).ops
   ops = []
-  for call, host_op in zip(calls, host_ops):
+  for call, host_op in zip(calls, host_ops, strict=True):
     if call.name not in _DEVICE_OPS:
       raise ValueError(f"augmentation op {call.text!r} has no device version; device ops: "
                        f"{sorted(_DEVICE_OPS)}")
@@ -352,7 +352,7 @@ def _host_arguments(host_op: Callable) -> dict[str, Any]:
 def apply_ops(ops: Sequence[DeviceOp], images: jax.Array, key: jax.Array) -> jax.Array:
   """Runs ``ops`` in order on a uint8 or float (B, H, W, C) batch; each op gets its own key."""
   out = images.astype(jnp.float32)
-  for op, op_key in zip(ops, jax.random.split(key, len(ops))):
+  for op, op_key in zip(ops, jax.random.split(key, len(ops)), strict=True):
     out = op.apply(out, op.sample(op_key, images.shape[0]))
   return out
 

@@ -92,7 +92,7 @@ class ImageFolderSource:
     folders = find_classes(root)
     per_class = [_list_images(os.path.join(root, name), extensions) for name in folders]
     others += sum(count for _, count in per_class)
-    in_classes = [name for name, (files, _) in zip(folders, per_class) if files]
+    in_classes = [name for name, (files, _) in zip(folders, per_class, strict=True) if files]
     if loose and in_classes:
       raise ValueError(
           f"image folder {root} holds both images ({loose[0]}, ...) and class folders of images "
@@ -112,7 +112,7 @@ class ImageFolderSource:
         raise ValueError(f"class folder(s) {unknown} of {root} are not among the classes "
                          f"{list(self.classes)}")
       paths, labels = [], []
-      for name, (files, _) in zip(folders, per_class):
+      for name, (files, _) in zip(folders, per_class, strict=True):
         paths += [os.path.join(name, file) for file in files]
         labels += [self.classes.index(name)] * len(files)
     # os.fsencode keeps file names that are not valid UTF-8 round-trippable.

@@ -91,7 +91,7 @@ def pop_bad_files(batch: dict[str, Any]) -> dict[str, str]:
   The result is empty for almost every batch.
   """
   paths, errors = batch.pop("bad_path"), batch.pop("bad_error")
-  return {str(path): str(error) for path, error in zip(paths, errors) if path}
+  return {str(path): str(error) for path, error in zip(paths, errors, strict=True) if path}
 
 
 class ArraySource:

@@ -156,7 +156,7 @@ class TrainViews(grain.transforms.RandomMap):
       rngs = [np.random.default_rng((seed, i)) for i in range(len(self.views))]
     else:
       rngs = [rng]
-    for (key, augmentation), view_rng in zip(self.views, rngs):
+    for (key, augmentation), view_rng in zip(self.views, rngs, strict=True):
       out[key] = augmentation(element["image"], view_rng)
     return out
 
