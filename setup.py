@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "absl-py>=2",
+        "tensorboardX>=2.6.5",
     ],
     extras_require={
         # PyTorch peers for parity tests only; never imported by sslx at runtime.
@@ -30,7 +31,9 @@ setup(
             "pytest-xdist>=3",
             "torch==2.13.0",
             "transformers>=4.45",
+            "scikit-learn>=1.5",
             "tensorboard>=2.15",
+            "ruff>=0.6",
         ],
     },
 )

@@ -7,14 +7,14 @@ Reads the IDX files of Debian's `dataset-fashion-mnist` package (/usr/share/data
 accuracy of the trained encoder beside a randomly initialised one's. ``:test`` shrinks it to a few steps.
 """
 from sslx import config as config_lib
+from sslx import config_args
 from sslx import recipes
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "test"):
-    raise ValueError(f"Unknown config argument {arg!r}: use nothing or ':test'")
+  test = config_args.parse_arg(arg, test=False).test
   config = recipes.mae_fashion_mnist()
-  if arg == "test":
+  if test:
     config.batch_size = 32
     config.total_steps = 6
     config.checkpoint.every_steps = 3

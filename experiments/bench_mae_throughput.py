@@ -25,7 +25,7 @@ from sslx import masking
 from sslx import optim
 from sslx import recipes
 from sslx import train
-from sslx.methods import build_method
+from sslx.methods import RunLength, build_method
 from sslx.models import vit
 
 _MODEL = flags.DEFINE_enum("model", "B/16", ["B/16", "L/16"], "ViT variant of the MAE encoder.")
@@ -66,8 +66,8 @@ def mae_train_flops_per_image(config) -> int:
 
   Norms, softmax, GELU, the loss and the optimizer update are left out.
   """
-  encoder = vit.encoder_from_config(config.model)
-  decoder = config.model.decoder
+  encoder = vit.from_config(config.model)
+  decoder = config.method.decoder
   num_patches = (config.data.image_size // encoder.patch_size) ** 2
   patch_dim = encoder.patch_size ** 2 * config.data.channels
   visible = masking.num_kept(num_patches, config.method.mask_ratio) + 1
@@ -95,23 +95,15 @@ def _time_steps(run_step, sync, warmup_steps: int, steps: int) -> float:
 def bench_sslx(config) -> dict:
   """Compiles and times sslx's jitted MAE train step; returns seconds per step and XLA's FLOP count."""
   steps_per_epoch, total_steps = train.schedule_length(config, IMAGENET_TRAIN_EXAMPLES)
-  schedule = optim.learning_rate_schedule(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-  tx = optim.build_optimizer(config, schedule)
-  method = build_method(config)
+  tx, schedules = optim.build_optimizer(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+  method = build_method(config, RunLength(steps_per_epoch, total_steps))
   size, channels = config.data.image_size, config.data.channels
-
-  def init_state(rng):
-    init_rng, state_rng = jax.random.split(rng)
-    example = {"image": jnp.zeros((1, size, size, channels)), "label": jnp.zeros((1,), jnp.int32)}
-    params, method_state = nn.unbox(method.init(init_rng, example))
-    return train.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                            method_state=method_state, rng=state_rng)
-
-  state = jax.jit(init_state)(jax.random.PRNGKey(config.seed))
+  state = jax.jit(lambda rng: nn.unbox(train.init_train_state(method, tx, rng, (size, size, channels))))(
+      jax.random.PRNGKey(config.seed))
   batch = {"image": jax.random.normal(jax.random.PRNGKey(1), (config.batch_size, size, size, channels)),
            "label": jnp.zeros((config.batch_size,), jnp.int32)}
   start = time.perf_counter()
-  compiled = jax.jit(train.make_train_step(method, tx, schedule), donate_argnums=(0,)).lower(
+  compiled = jax.jit(train.make_train_step(method, tx, schedules), donate_argnums=(0,)).lower(
       state, batch).compile()
   compile_s = time.perf_counter() - start
   xla_flops = (compiled.cost_analysis() or {}).get("flops")
@@ -131,7 +123,7 @@ def bench_hf(config) -> dict:
   import torch  # pylint: disable=g-import-not-at-top  (the peer is optional)
   import transformers  # pylint: disable=g-import-not-at-top
 
-  encoder, decoder, opt = vit.encoder_from_config(config.model), config.model.decoder, config.optimizer
+  encoder, decoder, opt = vit.from_config(config.model), config.method.decoder, config.optimizer
   hf_config = transformers.ViTMAEConfig(
       hidden_size=encoder.width, num_hidden_layers=encoder.depth, num_attention_heads=encoder.num_heads,
       intermediate_size=encoder.mlp_dim, decoder_hidden_size=decoder.width,
@@ -205,8 +197,8 @@ def main(argv):
   if _PEER.value == "hf":
     results["hf"] = _summarise(bench_hf(config), config.batch_size, flops_per_image, peak)
 
-  print(f"\n| implementation | model | batch | dtype | device | ms/step | images/s | MFU | loss |\n"
-        f"|---|---|---|---|---|---|---|---|---|")
+  print("\n| implementation | model | batch | dtype | device | ms/step | images/s | MFU | loss |\n"
+        "|---|---|---|---|---|---|---|---|---|")
   for name, result in results.items():
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] is not None else "n/a"
     print(f"| {name} | {config.model.variant} | {config.batch_size} | {dtype} | {result['device']} | "

@@ -12,20 +12,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-
-def _path_name(path) -> str:
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-  return "/".join(parts)
+from sslx import trees
 
 
 def _shapes_by_name(tree) -> dict[str, tuple[int, ...]]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+  return {name: tuple(leaf.shape) for name, leaf in trees.leaves_by_name(tree).items() if hasattr(leaf, "shape")}
 
 
 def check_same_shapes(theirs: Any, ours: Any, *, what: str, against: str, hint: str = "") -> None:
@@ -87,18 +78,20 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
 
-  def restore_params(self, step: int, abstract_params: Any) -> Any:
-    """Only the parameters in ``abstract_params`` (a subtree of ``state['params']``, e.g. just the encoder)
-    at ``step``, onto its shardings; no optimizer or method state is read. Check shapes first with
-    `check_params_match`."""
-    handler = ocp.PyTreeCheckpointHandler()
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-    restored = handler.restore(
-        self._manager.directory / str(step) / "state",
-        args=ocp.args.PyTreeRestore(item={"params": abstract_params}, restore_args={"params": restore_args},
-                                    partial_restore=True))
-    handler.close()
-    return restored["params"]
+  def restore_parts(self, step: int, abstract_parts: dict) -> dict:
+    """Only the top-level parts of the saved state in ``abstract_parts`` (e.g. ``{'params': ...,
+    'method_state': ...}``, trees of `jax.ShapeDtypeStruct` with shardings) at ``step``; the optimizer state
+    is never read. Empty parts come back empty. Check shapes first with `check_params_match`."""
+    wanted = {name: part for name, part in abstract_parts.items() if jax.tree.leaves(part)}
+    restored = {}
+    if wanted:
+      handler = ocp.PyTreeCheckpointHandler()
+      restored = handler.restore(
+          self._manager.directory / str(step) / "state",
+          args=ocp.args.PyTreeRestore(item=wanted, restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+                                      partial_restore=True))
+      handler.close()
+    return {name: restored.get(name, part) for name, part in abstract_parts.items()}
 
   def read_data(self, step: int) -> dict:
     """The JSON saved beside the state at ``step``, without reading any array."""

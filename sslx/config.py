@@ -1,12 +1,11 @@
 """The config keys every sslx run understands, their defaults, and their validation.
 
-Run configs in ``configs/`` start from `pretrain_config()` and override values; the dict is locked, so a
+Run configs in ``configs/`` start from `base_config()`, add an encoder and a method section and override
+values; the dict is locked, so a
 typo in a config file or in a ``--config.key=value`` override is an error naming the key instead of a
 silently ignored setting.
 """
 from __future__ import annotations
-
-import os
 
 import jax
 import ml_collections
@@ -42,43 +41,47 @@ def _data_defaults() -> ml_collections.ConfigDict:
   ))
 
 
-def pretrain_config() -> ml_collections.ConfigDict:
-  """Defaults for a pretraining run (values of the MAE recipe where a method needs one)."""
+def base_config() -> ml_collections.ConfigDict:
+  """The generic keys of every run, with their defaults.
+
+  A run config adds its encoder's section (``config.model = sslx.models.default_config('vit')``) and its
+  method's (``config.method = sslx.methods.default_config('mae')``): encoder- and method-specific keys live
+  with them, not here.
+  """
   config = ml_collections.ConfigDict()
   config.task = "pretrain"
   config.seed = 0
   config.batch_size = 4096          # global, over all devices and processes
   config.num_epochs = 800
   config.total_steps = placeholder(int)  # overrides num_epochs when set
-  # A pretraining run's workdir whose newest encoder initialises this run's params['encoder']
-  # (fine-tuning, continued pretraining); used only when this run's workdir has no checkpoint yet.
-  config.init_from = placeholder(str)
+  # Initial values from other runs, used only when this run's workdir has no checkpoint yet: a run's
+  # workdir (its encoder initialises this run's encoder), or (run_dir, source subtree, target subtree)
+  # triples; see sslx/init_from.py.
+  config.init_from = placeholder(object)
 
-  config.model = ml_collections.ConfigDict(dict(
-      variant="B/16",
-      width=placeholder(int),    # None: from the variant
-      depth=placeholder(int),
-      num_heads=placeholder(int),
-      mlp_dim=placeholder(int),
-      pos_embed="sincos",
-      pooling="cls",
-      drop_path_rate=0.0,
-      layer_norm_eps=1e-6,
-      dtype="auto",                 # 'auto': bfloat16 on accelerators, float32 on CPU
-      decoder=dict(width=512, depth=8, num_heads=16, mlp_dim=2048),
-  ))
-  config.method = ml_collections.ConfigDict(dict(name="mae", mask_ratio=0.75, norm_pix_loss=True))
+  config.model = ml_collections.ConfigDict()
+  config.method = ml_collections.ConfigDict()
   config.data = _data_defaults()
 
   config.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw",
+      name="adamw",                 # 'adamw' | 'lars' | 'sgd'
       base_lr=1.5e-4,               # lr = base_lr * batch_size / lr_batch_base
       lr_batch_base=256,
-      b1=0.9,
+      b1=0.9,                       # adamw
       b2=0.95,
-      weight_decay=0.05,            # not applied to biases, norms, tokens and position embeddings
+      momentum=0.9,                 # sgd, lars
+      nesterov=False,
+      lars_trust_coefficient=0.001,
+      weight_decay=0.05,
+      weight_decay_end=placeholder(float),  # None: constant; else half-cosine to this at the last step
+      # (regex over 'encoder/block_0/mlp/fc1/kernel'-style paths, multiplier); the first match wins and an
+      # unmatched parameter is not decayed. Default: kernels decay, nothing else.
+      wd_mults=((".*/kernel$", 1.0),),
+      lr_mults=(),                  # (regex, multiplier); unmatched: 1
+      frozen=(),                    # regexes of parameters never updated (and given no optimizer state)
+      freeze_epochs=(),             # (regex, epochs): no update while step < epochs * steps_per_epoch
       grad_clip_norm=placeholder(float),
-      layer_decay=placeholder(float),  # lr of block i scaled by decay^(L+1-i) (fine-tuning); None: off
+      layer_decay=placeholder(float),  # lr of ViT block i scaled by decay^(L+1-i) (fine-tuning); None: off
   ))
   config.schedule = ml_collections.ConfigDict(dict(warmup_epochs=40.0, min_lr=0.0))
   config.checkpoint = ml_collections.ConfigDict(dict(
@@ -88,13 +91,12 @@ def pretrain_config() -> ml_collections.ConfigDict:
   config.parallel = ml_collections.ConfigDict(dict(fsdp=1))
   config.eval = ml_collections.ConfigDict(dict(
       after_pretrain=False,         # print kNN / linear-probe accuracy of the result beside a random init
-      pooling="cls",                # 'cls' token or 'mean' of the patch tokens
       batch_size=500,
       max_train_examples=placeholder(int),  # kNN bank / probe training set: the first N (None: all)
       knn_ks=(20, 200),
       knn_temperature=0.07,
-      probe="logistic",             # 'logistic': exact full-batch; 'lars': MAE's BN + linear with LARS
-      probe_l2=1e-4,
+      probe="logistic",             # 'logistic': exact, standardised, L2 chosen on held-out; 'lars': MAE's
+      probe_l2=placeholder(float),  # logistic: None chooses the L2 weight on a held-out training slice
       probe_epochs=90,
       probe_batch_size=16384,
       probe_base_lr=0.1,
@@ -129,24 +131,13 @@ TASKS = ("pretrain", "knn", "linear_probe", "finetune")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises a ValueError naming the offending key before anything is built or compiled."""
-  from sslx import methods  # pylint: disable=g-import-not-at-top  (methods import models; keep config light)
-  from sslx.data import pipeline  # pylint: disable=g-import-not-at-top
-  from sslx.models import vit  # pylint: disable=g-import-not-at-top
-
+  """Raises a ValueError naming the offending generic key; the sections of the encoder, the method, the data
+  and the optimizer are checked by their own modules (`sslx.checks.validate_run_config` calls them all)."""
   if config.task not in TASKS:
     raise ValueError(f"config.task={config.task!r} is not one of {TASKS}")
-  if config.method.name not in methods.known_methods():
-    raise ValueError(f"config.method.name={config.method.name!r} is not one of {methods.known_methods()}")
-  if config.method.name == "finetune":
-    from sslx.evaluate import finetune  # pylint: disable=g-import-not-at-top
-    finetune.validate_finetune_config(config)
-  if "mask_ratio" in config.method and not 0.0 < config.method.mask_ratio < 1.0:
-    raise ValueError(f"config.method.mask_ratio={config.method.mask_ratio} must lie strictly between 0 and 1")
-  patch = vit.parse_variant(config.model.variant)["patch_size"]
-  if config.data.image_size % patch:
-    raise ValueError(f"config.data.image_size={config.data.image_size} is not divisible by the patch size "
-                     f"{patch} of config.model.variant={config.model.variant!r}")
+  for section in ("model", "method"):
+    if "name" not in config[section]:
+      raise ValueError(f"config.{section} has no 'name'; start it from sslx.{section}s.default_config(NAME)")
   num_devices, num_processes = jax.device_count(), jax.process_count()
   if config.batch_size <= 0 or config.batch_size % num_devices or config.batch_size % num_processes:
     raise ValueError(f"config.batch_size={config.batch_size} must be a positive multiple of the device count "
@@ -154,8 +145,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.eval.batch_size % num_processes:
     raise ValueError(f"config.eval.batch_size={config.eval.batch_size} (global) must be divisible by the process "
                      f"count ({num_processes})")
-  if config.optimizer.name != "adamw":
-    raise ValueError(f"config.optimizer.name={config.optimizer.name!r}: only 'adamw' is implemented")
   for key in ("log_every_steps", "viz_every_steps"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive")
@@ -165,13 +154,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.total_steps={config.total_steps} must be positive")
   validate_eval_config(config.eval)
   _validate_monitor_config(config)
-  if config.init_from is not None and not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
-    raise ValueError(f"config.init_from={config.init_from!r} is not the --workdir of an sslx run (it has no "
-                     "checkpoints/ folder)")
   if config.checkpoint.best_metric is not None and config.eval.every_epochs is None:
     raise ValueError(f"config.checkpoint.best_metric={config.checkpoint.best_metric!r} needs a held-out "
                      "evaluation: set config.eval.every_epochs")
-  pipeline.validate_data_config(config.data)
 
 
 def _validate_monitor_config(config: ml_collections.ConfigDict) -> None:
@@ -190,8 +175,6 @@ def _validate_monitor_config(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_eval_config(eval_config: ml_collections.ConfigDict) -> None:
-  if eval_config.pooling not in ("cls", "mean"):
-    raise ValueError(f"config.eval.pooling={eval_config.pooling!r} is not 'cls' or 'mean'")
   if eval_config.probe not in ("logistic", "lars"):
     raise ValueError(f"config.eval.probe={eval_config.probe!r} is not 'logistic' or 'lars'")
   if not eval_config.knn_ks or any(int(k) != k or k < 1 for k in eval_config.knn_ks):

@@ -11,6 +11,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from sslx import cli
 from sslx import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config: configs/<file>.py[:arg].", lock_config=True)
@@ -22,8 +23,10 @@ def _train(config, workdir: str) -> None:
   from sslx import train  # pylint: disable=g-import-not-at-top  (keeps --help fast)
   state, _ = train.train(config, workdir)
   if config.task == "pretrain" and config.eval.after_pretrain:
+    from sslx import methods  # pylint: disable=g-import-not-at-top
     from sslx.evaluate import run  # pylint: disable=g-import-not-at-top
-    run.compare_with_random_init(config, workdir, state.params["encoder"])
+    # The frozen representation does not depend on the run's length, so a nominal build reads it.
+    run.compare_with_baselines(config, workdir, methods.build_method(config), (state.variables, state.method_state))
 
 
 def _evaluate(config, workdir: str) -> None:
@@ -49,4 +52,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,102 +1,50 @@
 """What a person watches during a run: a progress line, a JSONL log and TensorBoard event files.
 
-The TensorBoard writer emits the TFRecord/`Event` protobuf wire format directly (scalars only), so runs need
-neither TensorFlow nor tensorboardX installed; `tensorboard --logdir WORKDIR` reads the files.
+TensorBoard files come from tensorboardX's writer, which needs neither TensorFlow nor a TensorBoard
+server installed; `tensorboard --logdir WORKDIR` reads them.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-import socket
-import struct
 import sys
 import time
 from typing import Mapping, TextIO
 
 # --- TensorBoard event files ------------------------------------------------------------------------
 
-
-def _crc32c_table() -> list[int]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  # TFRecord masks the CRC so that a CRC of data containing CRCs is well-behaved.
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-  out = bytearray()
-  value &= (1 << 64) - 1
-  while True:
-    byte = value & 0x7F
-    value >>= 7
-    if value:
-      out.append(byte | 0x80)
-    else:
-      out.append(byte)
-      return bytes(out)
-
-
-def _length_delimited(field: int, payload: bytes) -> bytes:
-  return _varint(field << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int, *, file_version: str | None = None, summary: bytes | None = None):
-  message = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
-  if file_version is not None:
-    message += _length_delimited(3, file_version.encode())
-  if summary is not None:
-    message += _length_delimited(5, summary)
-  return message
-
-
-def _scalar_summary(scalars: Mapping[str, float]) -> bytes:
-  values = b""
-  for tag, value in scalars.items():
-    value_message = _length_delimited(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value)
-    values += _length_delimited(1, value_message)
-  return values
+# tensorboardX names a file by the second and the host only and opens it with truncation, so a second
+# writer on the same directory within a second (a quick resume) would wipe the first one's events.
+_WRITER_IDS = itertools.count()
+# The writer queues events for a background thread that flushes at most this often: a live TensorBoard
+# sees new points within it, and a killed run loses at most that much.
+_FLUSH_SECS = 10
 
 
 class TensorBoardWriter:
-  """Appends scalar summaries to ``logdir/events.out.tfevents.<time>.<host>``."""
+  """Scalar summaries in ``logdir/events.out.tfevents.<time>.<host>.<pid>.<n>``.
+
+  Runs make one on the lead process only (sslx/train.py). tensorboardX is imported here rather than at the
+  top because it imports torch whenever torch is installed: only the process that writes pays for that,
+  and ``--help`` stays fast.
+  """
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-    self._file = open(os.path.join(logdir, name), "ab")
-    self._write_record(_event(time.time(), 0, file_version="brain.Event:2"))
+    import tensorboardX  # pylint: disable=g-import-not-at-top
 
-  def _write_record(self, data: bytes) -> None:
-    header = struct.pack("<Q", len(data))
-    self._file.write(header + struct.pack("<I", _masked_crc(header)) + data +
-                     struct.pack("<I", _masked_crc(data)))
+    self._writer = tensorboardX.SummaryWriter(
+        logdir, flush_secs=_FLUSH_SECS, filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    self._write_record(_event(time.time(), step, summary=_scalar_summary(scalars)))
-    self._file.flush()
+    wall_time = time.time()
+    for tag, value in scalars.items():
+      self._writer.add_scalar(tag, float(value), step, walltime=wall_time)
 
   def close(self) -> None:
-    self._file.close()
+    """Writes every queued event to disk and closes the file."""
+    self._writer.close()
 
 
 # --- JSONL and the progress line ---------------------------------------------------------------------

@@ -33,10 +33,8 @@ from absl import logging
 from sslx import parallel
 from sslx.data import pipeline
 from sslx.evaluate import diagnostics
-from sslx.evaluate import features as features_lib
 from sslx.evaluate import knn
 from sslx.evaluate import run as eval_run
-from sslx.models import vit
 
 
 def image_key(batch: dict) -> str:
@@ -44,20 +42,13 @@ def image_key(batch: dict) -> str:
   return "image" if "image" in batch else "view_0"
 
 
-def encoder_features_fn(model_config, pooling: str) -> Callable[[Any, jax.Array], jax.Array]:
-  """``(encoder_params, images) -> (B, D)`` float32 pooled features, evaluation mode, no masking."""
-  apply = vit.encoder_from_config(model_config).apply
-
-  def embed(encoder_params, images):
-    _, aux = apply({"params": encoder_params}, images, train=False)
-    return features_lib.pool(aux, pooling).astype(jnp.float32)
-  return embed
-
-
 @dataclasses.dataclass(frozen=True)
 class OnlineProbe:
-  """The online linear probe: its state lives in ``TrainState.probe``, its update in the train step."""
-  embed: Callable[[Any, jax.Array], jax.Array]
+  """The online linear probe: its state lives in ``TrainState.probe``, its update in the train step.
+
+  ``embed`` is the method's `Method.embed` ``(variables, method_state, images) -> (B, D)``.
+  """
+  embed: Callable[[Any, Any, jax.Array], jax.Array]
   num_classes: int
   batch_size: int
   tx: optax.GradientTransformation
@@ -67,13 +58,13 @@ class OnlineProbe:
               "bias": jnp.zeros((self.num_classes,), jnp.float32)}
     return {"params": params, "opt_state": self.tx.init(params)}
 
-  def update(self, probe_state: dict, encoder_params: Any, batch: dict) -> tuple[dict, dict]:
+  def update(self, probe_state: dict, variables: Any, method_state: Any, batch: dict) -> tuple[dict, dict]:
     """One Adam step on stop-gradient features of a strided subset of ``batch``."""
     images, labels = batch[image_key(batch)], batch["label"]
     # Strided rows stay spread over the devices a batch-sharded array lives on.
     stride = max(images.shape[0] // self.batch_size, 1)
     images, labels = images[::stride][:self.batch_size], labels[::stride][:self.batch_size]
-    features = jax.lax.stop_gradient(self.embed(encoder_params, images))
+    features = jax.lax.stop_gradient(self.embed(variables, method_state, images))
     (loss, accuracy), grads = jax.value_and_grad(probe_loss, has_aux=True)(
         probe_state["params"], features, labels, self.num_classes)
     updates, opt_state = self.tx.update(grads, probe_state["opt_state"], probe_state["params"])
@@ -97,10 +88,10 @@ def probe_loss(probe_params: dict, features: jax.Array, labels: jax.Array, num_c
   return loss, 100.0 * jnp.sum(correct) / count
 
 
-def make_online_probe(config, num_classes: Optional[int]) -> Optional[OnlineProbe]:
+def make_online_probe(config, embed, num_classes: Optional[int]) -> Optional[OnlineProbe]:
   if not config.monitor.online_probe or not num_classes:
     return None
-  return OnlineProbe(embed=encoder_features_fn(config.model, config.eval.pooling), num_classes=num_classes,
+  return OnlineProbe(embed=embed, num_classes=num_classes,
                      batch_size=min(config.monitor.probe_batch_size, config.batch_size),
                      tx=optax.adam(config.monitor.probe_lr))
 
@@ -108,8 +99,8 @@ def make_online_probe(config, num_classes: Optional[int]) -> Optional[OnlineProb
 class RepresentationMonitor:
   """The periodic kNN / probe / diagnostics report on fixed subsets of the training and held-out splits."""
 
-  def __init__(self, config, mesh):
-    self._config, self._mesh = config, mesh
+  def __init__(self, config, embed, mesh):
+    self._config, self._embed, self._mesh = config, embed, mesh
     self.num_classes = config.monitor.num_classes or self._num_classes_from_labels()
 
   def _num_classes_from_labels(self) -> Optional[int]:
@@ -125,14 +116,15 @@ class RepresentationMonitor:
     batches = itertools.islice(loader, -(-limit // self._config.eval.batch_size))
     return np.concatenate([batch["label"][np.asarray(batch["mask"], bool)] for batch in batches])
 
-  def _features(self, encoder_params, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    return eval_run.encoder_features(self._config.model, encoder_params, self._config.data, self._config.eval,
-                                     split, limit, mesh=self._mesh)
+  def _features(self, state, split: str, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    return eval_run.method_features(self._embed, state, self._config.data, self._config.eval, split, limit,
+                                    mesh=self._mesh)
 
-  def report(self, encoder_params: Any, probe_params: Optional[dict]) -> dict[str, float]:
+  def report(self, variables: Any, method_state: Any, probe_params: Optional[dict]) -> dict[str, float]:
     monitor = self._config.monitor
-    train_x, train_y = self._features(encoder_params, self._config.data.split, monitor.knn_train_examples)
-    test_x, test_y = self._features(encoder_params, self._config.data.eval_split, monitor.knn_test_examples)
+    state = (variables, method_state)
+    train_x, train_y = self._features(state, self._config.data.split, monitor.knn_train_examples)
+    test_x, test_y = self._features(state, self._config.data.eval_split, monitor.knn_test_examples)
     summary = diagnostics.summary(test_x)
     out = {f"diag/{name}": value for name, value in summary.items()}
     if summary["collapsed"]:
@@ -154,8 +146,8 @@ def make_held_out_evaluation(method, config, mesh, state_sharding) -> Optional[C
   if method.evaluate is None or config.eval.every_epochs is None:
     return None
   batch_sharding = parallel.batch_sharding(mesh)
-  evaluate = jax.jit(method.evaluate, in_shardings=(state_sharding.params, state_sharding.method_state,
-                                                    batch_sharding),
+  variables_sharding = {"params": state_sharding.params, **state_sharding.model_state}
+  evaluate = jax.jit(method.evaluate, in_shardings=(variables_sharding, state_sharding.method_state, batch_sharding),
                      out_shardings=parallel.replicated(mesh))
 
   def run(state) -> dict[str, float]:
@@ -165,7 +157,7 @@ def make_held_out_evaluation(method, config, mesh, state_sharding) -> Optional[C
     totals: dict[str, float] = {}
     for batch in loader:
       batch = parallel.global_batch({key: batch[key] for key in ("image", "label", "mask")}, batch_sharding)
-      for name, value in jax.device_get(evaluate(state.params, state.method_state, batch)).items():
+      for name, value in jax.device_get(evaluate(state.variables, state.method_state, batch)).items():
         totals[name] = totals.get(name, 0.0) + float(value)
     count = max(totals.pop("count"), 1.0)
     return {f"eval/{name}": value / count for name, value in totals.items()}

@@ -2,7 +2,7 @@
 
 Every array in a run is placed by a `NamedSharding` over one 2-D mesh with axes ``('data', 'fsdp')``:
 the batch is split over both axes; parameters are replicated (pure data parallel) unless
-``config.parallel.fsdp > 1``, in which case the logical axis ``'embed'`` of every parameter is split over
+``config.parallel.fsdp > 1``, in which case the logical axes ``'embed'`` and ``'conv_out'`` are split over
 the ``'fsdp'`` axis (ZeRO-3 / FSDP style). Models name their parameter axes with
 ``nn.with_logical_partitioning``; the mapping from logical names to mesh axes lives only here.
 """
@@ -19,8 +19,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXES = ("data", "fsdp")
 
 # Logical parameter axis names used by sslx models, and where each goes on the mesh.
-_REPLICATED_RULES = (("embed", None), ("mlp", None), ("heads", None), ("head_dim", None), ("patch", None))
-_FSDP_RULES = (("embed", "fsdp"), ("mlp", None), ("heads", None), ("head_dim", None), ("patch", None))
+_REPLICATED_RULES = (("embed", None), ("mlp", None), ("heads", None), ("head_dim", None), ("patch", None),
+                     ("conv_in", None), ("conv_out", None))
+# A conv kernel's output channels (and its BatchNorm's) split like a transformer's width.
+_FSDP_RULES = (("embed", "fsdp"), ("mlp", None), ("heads", None), ("head_dim", None), ("patch", None),
+               ("conv_in", None), ("conv_out", "fsdp"))
 
 
 def maybe_initialize_distributed() -> None:

@@ -20,7 +20,8 @@ import numpy as np
 import optax
 
 from sslx import checkpoint as checkpoint_lib
-from sslx import config as config_lib
+from sslx import checks
+from sslx import init_from
 from sslx import metrics as metrics_lib
 from sslx import monitors
 from sslx import optim
@@ -29,17 +30,22 @@ from sslx import viz
 from sslx.data import device_augment as device_augment_lib
 from sslx.data import pipeline
 from sslx.data import prefetch
-from sslx.methods import Method, build_method
+from sslx.methods import Method, RunLength, build_method, split_variables
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
   params: Any
+  model_state: Any  # every variable collection but params (BatchNorm's batch_stats), updated by the step
   opt_state: Any
   method_state: Any
   rng: jax.Array
   probe: Any = None  # the online linear probe's params and optimizer state (sslx/monitors.py), if any
+
+  @property
+  def variables(self) -> dict:
+    return {"params": self.params, **self.model_state}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,49 +59,60 @@ def schedule_length(config, num_examples: int) -> tuple[int, int]:
   return steps_per_epoch, int(total)
 
 
-def make_train_step(method: Method, tx: optax.GradientTransformation, schedule, *,
+def make_train_step(method: Method, tx: optax.GradientTransformation, schedules: dict[str, Callable], *,
                     probe: Optional[monitors.OnlineProbe] = None,
                     prepare_batch: Optional[Callable[[dict, jax.Array], dict]] = None):
   """A pure ``(state, batch) -> (state, metrics)``; the per-step key is ``fold_in(state.rng, step)``.
 
+  Gradients are taken with respect to ``params`` only; the other collections come back from the loss.
   ``prepare_batch(batch, key)`` runs first (augmentation on the device); ``probe`` trains the online
-  linear probe on the parameters the step started from.
+  linear probe on the variables the step started from. ``schedules`` (e.g. lr, weight decay) are logged.
   """
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
     if prepare_batch is not None:
       rng, augment_rng = jax.random.split(rng)
       batch = prepare_batch(batch, augment_rng)
-    grad_fn = jax.value_and_grad(method.loss_fn, has_aux=True)
-    (loss, (metrics, method_state)), grads = grad_fn(state.params, state.method_state, batch, rng)
+
+    def objective(params):
+      return method.loss_fn({"params": params, **state.model_state}, state.method_state, batch, rng)
+
+    (loss, (metrics, method_state, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    method_state = method.after_update(params, method_state, state.step)
+    model_state = {**state.model_state, **model_state}
+    method_state = method.after_update({"params": params, **model_state}, method_state, state.step)
     # param_norm is also the cheap way to learn that an update left a non-finite parameter behind.
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-               "param_norm": optax.tree.norm(params), "lr": schedule(state.step)}
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params),
+               **{name: schedule(state.step) for name, schedule in schedules.items()}}
     probe_state = state.probe
     if probe is not None:
-      probe_state, probe_metrics = probe.update(state.probe, state.params["encoder"], batch)
+      probe_state, probe_metrics = probe.update(state.probe, state.variables, state.method_state, batch)
       metrics.update(probe_metrics)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, method_state=method_state,
-                              probe=probe_state)
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
+                              method_state=method_state, probe=probe_state)
     return new_state, metrics
   return train_step
+
+
+def example_batch(image_shape) -> dict:
+  return {"image": jnp.zeros((1, *image_shape), jnp.float32), "label": jnp.zeros((1,), jnp.int32)}
 
 
 def init_train_state(method: Method, tx: optax.GradientTransformation, rng, image_shape,
                      probe: Optional[monitors.OnlineProbe] = None) -> TrainState:
   """A fresh state; params may still carry logical-partitioning boxes (`nn.unbox` them to use directly)."""
   init_rng, state_rng = jax.random.split(rng)
-  example = {"image": jnp.zeros((1, *image_shape), jnp.float32), "label": jnp.zeros((1,), jnp.int32)}
-  params, method_state = method.init(init_rng, example)
+  example = example_batch(image_shape)
+  variables, method_state = method.init(init_rng, example)
+  params, model_state = split_variables(variables)
   probe_state = None
   if probe is not None:
-    feature_dim = jax.eval_shape(probe.embed, nn.unbox(params)["encoder"], example["image"]).shape[-1]
+    feature_dim = jax.eval_shape(method.embed, nn.unbox(variables), nn.unbox(method_state),
+                                 example["image"]).shape[-1]
     probe_state = probe.init(feature_dim)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    method_state=method_state, rng=state_rng, probe=probe_state)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                    opt_state=tx.init(nn.unbox(params)), method_state=method_state, rng=state_rng, probe=probe_state)
 
 
 def _abstract_with_shardings(abstract_boxed, shardings):
@@ -107,7 +124,7 @@ class _Run:
   """State of one training run: everything the loop needs, set up before the first compilation."""
 
   def __init__(self, config, workdir: str):
-    config_lib.validate_config(config)
+    checks.validate_run_config(config)
     self.config, self.workdir = config, workdir
     self.is_lead = jax.process_index() == 0
     self.mesh = parallel.create_mesh(config.parallel.fsdp)
@@ -116,13 +133,15 @@ class _Run:
         config.data, global_batch_size=config.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
     self.steps_per_epoch, self.total_steps = schedule_length(config, self.loader.num_examples)
-    self.method = build_method(config)
-    self.schedule = optim.learning_rate_schedule(
-        config, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
-    self.tx = optim.build_optimizer(config, self.schedule)
-    self.monitor = monitors.RepresentationMonitor(config, self.mesh) if config.monitor.every_steps != 0 else None
+    self.method = build_method(config, RunLength(self.steps_per_epoch, self.total_steps))
+    checks.validate_views(config, self.method.num_views)
+    self.tx, self.schedules = optim.build_optimizer(config, steps_per_epoch=self.steps_per_epoch,
+                                                    total_steps=self.total_steps)
+    self.monitor = None
+    if config.monitor.every_steps != 0:
+      self.monitor = monitors.RepresentationMonitor(config, self.method.embed, self.mesh)
     num_classes = self.monitor.num_classes if self.monitor else config.monitor.num_classes
-    self.probe = monitors.make_online_probe(config, num_classes)
+    self.probe = monitors.make_online_probe(config, self.method.embed, num_classes)
     self.checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save)
@@ -142,8 +161,9 @@ class _Run:
     latest = self.checkpointer.latest_step()
     if latest is None:
       state = jax.jit(lambda r: nn.unbox(self._init_fn(r)), out_shardings=self.state_sharding)(rng)
-      if self.config.init_from is not None:
-        state = self._with_pretrained_encoder(state)
+      mappings = init_from.parse_mappings(self.config.init_from)
+      if mappings:
+        state = self._initialised_from(state, mappings)
       return state
     abstract = _abstract_with_shardings(abstract_boxed, self.state_sharding)
     self.checkpointer.check_params_match(latest, abstract.params)
@@ -152,20 +172,12 @@ class _Run:
     print(f"Resumed from {self.checkpointer.directory}/{latest}", flush=True)
     return state
 
-  def _with_pretrained_encoder(self, state: TrainState) -> TrainState:
-    """``params['encoder']`` from the newest checkpoint of the run in ``config.init_from``; nothing else."""
-    source = checkpoint_lib.Checkpointer(os.path.join(self.config.init_from, "checkpoints"), max_to_keep=1)
-    step = source.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"config.init_from={self.config.init_from!r} holds no checkpoint in "
-                              f"{source.directory}")
-    abstract = _abstract_with_shardings(state.params["encoder"], self.state_sharding.params["encoder"])
-    source.check_params_match(step, abstract, subtree="encoder",
-                              hint="Set config.model to the encoder that run trained (its config.json).")
-    encoder = source.restore_params(step, {"encoder": abstract})["encoder"]
-    source.close()
-    print(f"Encoder initialised from {source.directory}/{step}", flush=True)
-    return state.replace(params={**state.params, "encoder": encoder})
+  def _initialised_from(self, state: TrainState, mappings) -> TrainState:
+    """``state`` with the subtrees of other runs that ``config.init_from`` names; nothing else changes."""
+    parts = {name: getattr(state, name) for name in init_from.STATE_PARTS}
+    shardings = {name: getattr(self.state_sharding, name) for name in init_from.STATE_PARTS}
+    log = (lambda line: print(line, flush=True)) if self.is_lead else (lambda line: None)
+    return state.replace(**init_from.apply_mappings(parts, mappings, shardings, self.mesh, log=log))
 
 
 def _check_finite(step_metrics: list[tuple[int, dict]], checkpointer) -> None:
@@ -179,10 +191,11 @@ def _check_finite(step_metrics: list[tuple[int, dict]], checkpointer) -> None:
             f"{kept or 'none'} in {checkpointer.directory} (the newest one is the last good state).")
 
 
-def _mean_metrics(step_metrics: list[tuple[int, dict]]) -> dict[str, float]:
+def _mean_metrics(step_metrics: list[tuple[int, dict]], schedule_names) -> dict[str, float]:
+  """Means over the steps since the last log; scheduled values (lr, weight decay) as of the last step."""
   names = step_metrics[0][1].keys()
   scalars = {name: float(np.mean([values[name] for _, values in step_metrics])) for name in names}
-  scalars["lr"] = float(step_metrics[-1][1]["lr"])
+  scalars.update({name: float(step_metrics[-1][1][name]) for name in schedule_names})
   return scalars
 
 
@@ -224,7 +237,7 @@ def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
   cfg = run.config
   state = run.initial_state()
   device_augment = device_augment_lib.build_device_augmentation(cfg.data)
-  train_step = jax.jit(make_train_step(run.method, run.tx, run.schedule, probe=run.probe,
+  train_step = jax.jit(make_train_step(run.method, run.tx, run.schedules, probe=run.probe,
                                        prepare_batch=device_augment),
                        in_shardings=(run.state_sharding, run.batch_sharding),
                        out_shardings=(run.state_sharding, parallel.replicated(run.mesh)),
@@ -239,7 +252,7 @@ def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
     viz_batch = _viz_batch(cfg)
 
   logger = _Logger(run)
-  print(f"{cfg.method.name} | {cfg.model.variant} | {jax.device_count()} {jax.default_backend()} device(s) | "
+  print(f"{cfg.method.name} | {cfg.model.name} {cfg.model.get('variant', '')} | {jax.device_count()} {jax.default_backend()} device(s) | "
         f"{run.steps_per_epoch} steps/epoch | {run.total_steps} steps | workdir {os.path.abspath(workdir)}",
         flush=True)
   start_step = int(state.step)
@@ -265,7 +278,7 @@ def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
                           run.monitor is not None and _every(monitor_period, step, is_last))
     logger.progress.exclude(evaluated.pop("seconds", 0.0))
     if log_now:
-      last_scalars = _mean_metrics(fetched)
+      last_scalars = _mean_metrics(fetched, run.schedules)
       if step == start_step + 1:
         print(f"first step (with compilation) took {time.time() - first_step_start:.1f}s", flush=True)
       images_per_s = logger.progress.report(step, {k: last_scalars[k] for k in ("loss", "lr")})
@@ -281,7 +294,7 @@ def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
       jax.block_until_ready(state)
       viz_start = time.time()
       rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 1), step)
-      pictures = jax.device_get(visualize(state.params, state.method_state, viz_batch, rng))
+      pictures = jax.device_get(visualize(state.variables, state.method_state, viz_batch, rng))
       if run.is_lead:
         path = os.path.join(workdir, "pictures", f"step_{step:07d}.png")
         viz.save_image_grid(path, {name: viz.denormalize(images, cfg.data.mean, cfg.data.std)
@@ -308,7 +321,7 @@ def _evaluate(run: _Run, state: TrainState, step: int, held_out: Optional[Callab
   start = time.time()
   out = {}
   if monitor:
-    out.update(run.monitor.report(state.params["encoder"], state.probe and state.probe["params"]))
+    out.update(run.monitor.report(state.variables, state.method_state, state.probe and state.probe["params"]))
   if held_out is not None:
     scores = held_out(state)
     print(f"step {step}: " + " | ".join(f"{name} {value:.2f}" for name, value in scores.items()), flush=True)

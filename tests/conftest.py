@@ -14,11 +14,11 @@ os.environ["XLA_FLAGS"] = " ".join(
 def tiny_mae_config() -> ml_collections.ConfigDict:
   """An MAE config for 32x32 RGB images: patch 8 (16 patches), width 32, 2 + 1 blocks."""
   config = ml_collections.ConfigDict()
-  config.method = ml_collections.ConfigDict(dict(name="mae", mask_ratio=0.75, norm_pix_loss=True))
+  config.method = ml_collections.ConfigDict(dict(
+      name="mae", mask_ratio=0.75, norm_pix_loss=True, decoder=dict(width=16, depth=1, num_heads=2, mlp_dim=32)))
   config.model = ml_collections.ConfigDict(dict(
-      variant="Ti/8", width=32, depth=2, num_heads=2, mlp_dim=64, pos_embed="sincos", pooling="cls",
-      drop_path_rate=0.1, layer_norm_eps=1e-6, dtype="float32",
-      decoder=dict(width=16, depth=1, num_heads=2, mlp_dim=32)))
+      name="vit", variant="Ti/8", width=32, depth=2, num_heads=2, mlp_dim=64, pos_embed="sincos", pooling="cls",
+      drop_path_rate=0.1, layer_norm_eps=1e-6, dtype="float32"))
   config.data = ml_collections.ConfigDict(dict(image_size=32, channels=3))
   return config
 
@@ -31,7 +31,7 @@ def mae_config() -> ml_collections.ConfigDict:
 def assert_same_batches(a, b):
   """Two lists of batches hold the same keys and bit-identical arrays."""
   assert len(a) == len(b)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     assert x.keys() == y.keys()
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])

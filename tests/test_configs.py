@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from sslx import config as config_lib
+from sslx import checks
 from sslx import methods
 from sslx import train
 
@@ -26,7 +26,7 @@ def encoder_param_count(config):
   method = methods.build_method(config)
   size = config.data.image_size
   image = jax.ShapeDtypeStruct((1, size, size, config.data.channels), np.float32)
-  params = jax.eval_shape(lambda x: method.init(jax.random.PRNGKey(0), {"image": x})[0], image)
+  params = jax.eval_shape(lambda x: method.init(jax.random.PRNGKey(0), {"image": x})[0]["params"], image)
   return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params["encoder"]))
 
 
@@ -47,7 +47,7 @@ def test_recipe_configs_build_the_published_encoders(name, width, depth, patch, 
   assert (config.batch_size, config.num_epochs, config.method.mask_ratio) == (4096, 800, 0.75)
   assert config.optimizer.base_lr == 1.5e-4 and (config.optimizer.b1, config.optimizer.b2) == (0.9, 0.95)
   assert config.data.augment.crop_scale == (0.2, 1.0) and config.data.augment.interpolation == "bicubic"
-  assert (config.model.decoder.width, config.model.decoder.depth, config.model.decoder.num_heads) == (512, 8, 16)
+  assert (config.method.decoder.width, config.method.decoder.depth, config.method.decoder.num_heads) == (512, 8, 16)
   count = encoder_param_count(config)
   assert count == vit_param_formula(width, depth, patch)
   num_tokens = (224 // patch) ** 2 + 1
@@ -61,7 +61,7 @@ def test_vitb_matches_hugging_face_parameter_count():
   config = load_config("mae_vitb")
   method = methods.build_method(config)
   image = jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32)
-  params = jax.eval_shape(lambda x: method.init(jax.random.PRNGKey(0), {"image": x})[0], image)
+  params = jax.eval_shape(lambda x: method.init(jax.random.PRNGKey(0), {"image": x})[0]["params"], image)
   assert sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params)) == trainable
 
 
@@ -75,7 +75,7 @@ def test_missing_imagenet_is_a_clear_error(tmp_path):
   config = load_config("mae_vitb", "local")
   config.data.data_dir = str(tmp_path)
   with pytest.raises((FileNotFoundError, ValueError), match="imagenet2012"):
-    config_lib.validate_config(config)
+    checks.validate_run_config(config)
 
 
 class SslxTinyRgb(tfds.core.GeneratorBasedBuilder):

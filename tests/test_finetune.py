@@ -1,4 +1,4 @@
-"""The fine-tuning bundle (sslx/evaluate/finetune.py) and its configs (configs/finetune.py)."""
+"""The fine-tuning bundle (sslx/methods/finetune.py) and its configs (configs/finetune.py)."""
 import importlib.util
 import os
 
@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sslx import config as config_lib
+from sslx import checks
 from sslx import methods
+from sslx import models
 from sslx import optim
-from sslx.evaluate import finetune
+from sslx import recipes
+from sslx.methods import finetune
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 5
@@ -19,11 +21,12 @@ NUM_CLASSES = 5
 
 def tiny_config(**method_overrides):
   """ViT with width 32, 2 blocks, patch 8 on 16x16 RGB: 4 patches."""
-  pretrain = config_lib.pretrain_config()
-  pretrain.model.update(dict(variant="Ti/8", width=32, depth=2, num_heads=2, mlp_dim=64, dtype="float32"))
+  pretrain = recipes.mae_config("Ti/8")
+  pretrain.model.update(dict(width=32, depth=2, num_heads=2, mlp_dim=64, dtype="float32"))
   pretrain.data.update(dict(image_size=16, channels=3, mean=(0.5,) * 3, std=(0.5,) * 3))
-  config = finetune.finetune_config(pretrain, num_classes=NUM_CLASSES, batch_size=8, num_epochs=1, base_lr=1e-3,
-                                    layer_decay=0.75, drop_path_rate=0.0, augmentation="hflip")
+  config = finetune.finetune_config(
+      pretrain, num_classes=NUM_CLASSES, batch_size=8, num_epochs=1, base_lr=1e-3, layer_decay=0.75,
+      drop_path_rate=0.0, augmentation="random_resized_crop(16, scale=(1, 1), ratio=(1, 1))|hflip")
   config.method.update(method_overrides)
   return config
 
@@ -34,9 +37,14 @@ def images_and_labels(batch=8, seed=0):
           jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32))
 
 
-def init_params(method, images):
-  params, method_state = jax.jit(method.init)(jax.random.PRNGKey(0), {"image": images[:1]})
-  return nn.unbox(params), nn.unbox(method_state)
+def init_variables(method, images):
+  variables, method_state = jax.jit(method.init)(jax.random.PRNGKey(0), {"image": images[:1]})
+  return nn.unbox(variables), nn.unbox(method_state)
+
+
+def random_head_kernel():
+  """A head kernel of unit scale, whose logits differ from row to row (the initial one's are ~0)."""
+  return jax.random.normal(jax.random.PRNGKey(1), (32, NUM_CLASSES))
 
 
 def numpy_log_softmax(logits):
@@ -50,7 +58,8 @@ def test_soft_target_cross_entropy_with_smoothing_matches_numpy():
   logits, labels, smoothing = rng.normal(size=(6, 4)) * 3, rng.integers(0, 4, 6), 0.1
   targets = (1 - smoothing) * np.eye(4)[labels] + smoothing / 4
   expected = -(targets * numpy_log_softmax(logits)).sum(axis=1).mean()
-  got = finetune.soft_target_cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets, jnp.float32))
+  got = finetune.soft_target_cross_entropy(jnp.asarray(logits, jnp.float32),
+                                           jnp.asarray(targets, jnp.float32))
   np.testing.assert_allclose(float(got), expected, rtol=1e-6)
 
 
@@ -58,12 +67,15 @@ def test_unmixed_training_loss_is_smoothed_cross_entropy_of_the_model_logits():
   config = tiny_config(mixup_alpha=0.0, cutmix_alpha=0.0)  # drop path 0: train mode is deterministic too
   method = methods.build_method(config)
   images, labels = images_and_labels()
-  params, state = init_params(method, images)
-  params["head"]["logits"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), (32, NUM_CLASSES))
-  loss, _ = jax.jit(method.loss_fn)(params, state, {"image": images, "label": labels}, jax.random.PRNGKey(2))
-  logits, _ = finetune.model_from_config(config).apply({"params": params}, images, train=False)
+  variables, state = init_variables(method, images)
+  variables["params"]["head"]["logits"]["kernel"] = random_head_kernel()
+  loss, (_, _, model_state) = jax.jit(method.loss_fn)(variables, state, {"image": images, "label": labels},
+                                                       jax.random.PRNGKey(2))
+  assert model_state == {}  # a ViT has no collection but params
+  logits, _ = finetune.model_from_config(config).apply(variables, images, train=False)
   targets = 0.9 * np.eye(NUM_CLASSES)[labels] + 0.1 / NUM_CLASSES
-  np.testing.assert_allclose(float(loss), -(targets * numpy_log_softmax(logits)).sum(axis=1).mean(), rtol=1e-5)
+  expected = -(targets * numpy_log_softmax(logits)).sum(axis=1).mean()
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mix_prob, switch_prob", [(1.0, 0.5), (1.0, 1.0), (0.5, 0.5)])
@@ -71,11 +83,11 @@ def test_mixed_targets_sum_to_one_inside_the_training_loss(mix_prob, switch_prob
   # With an all-zero head every logit is 0, so the loss is log(C) * (mean target row sum).
   method = methods.build_method(tiny_config(mix_prob=mix_prob, switch_prob=switch_prob))
   images, labels = images_and_labels()
-  params, state = init_params(method, images)
-  params["head"] = jax.tree.map(jnp.zeros_like, params["head"])
+  variables, state = init_variables(method, images)
+  variables["params"]["head"] = jax.tree.map(jnp.zeros_like, variables["params"]["head"])
   loss_fn = jax.jit(method.loss_fn)
   for seed in range(4):
-    loss, _ = loss_fn(params, state, {"image": images, "label": labels}, jax.random.PRNGKey(seed))
+    loss, _ = loss_fn(variables, state, {"image": images, "label": labels}, jax.random.PRNGKey(seed))
     np.testing.assert_allclose(float(loss), np.log(NUM_CLASSES), rtol=1e-6)
 
 
@@ -102,20 +114,51 @@ def test_training_inputs_mix_with_probability_mix_prob():
 def test_ema_starts_from_the_first_update_then_follows_the_formula():
   method = methods.build_method(tiny_config(ema_decay=0.9))
   images, _ = images_and_labels()
-  params, state = init_params(method, images)
+  variables, state = init_variables(method, images)
   assert set(state) == {"ema"}
-  moved = jax.tree.map(lambda p: p + 1.0, params)
+  moved = jax.tree.map(lambda p: p + 1.0, variables)
   after_update = jax.jit(method.after_update)
   state = after_update(moved, state, jnp.asarray(0))
   jax.tree.map(lambda e, p: np.testing.assert_array_equal(e, p), state["ema"], moved)
-  later = jax.tree.map(lambda p: 3.0 * p - 2.0, params)
+  later = jax.tree.map(lambda p: 3.0 * p - 2.0, variables)
   new_state = after_update(later, state, jnp.asarray(7))
   jax.tree.map(lambda e, old, p: np.testing.assert_allclose(e, 0.9 * np.asarray(old) + 0.1 * np.asarray(p),
                                                             rtol=1e-6, atol=1e-7),
                new_state["ema"], state["ema"], later)
   no_ema = methods.build_method(tiny_config())
-  _, empty = init_params(no_ema, images)
-  assert empty == {} and no_ema.after_update(params, empty, jnp.asarray(3)) == {}
+  _, empty = init_variables(no_ema, images)
+  assert empty == {} and no_ema.after_update(variables, empty, jnp.asarray(3)) == {}
+
+
+def pooled_features(config, encoder_params, images):
+  """``aux['pooled']`` of the encoder ``config.model`` describes, run directly in evaluation mode."""
+  encoder = models.encoder_from_config(config.model)
+  return np.asarray(encoder.apply({"params": encoder_params}, images, train=False)[1]["pooled"])
+
+
+@pytest.mark.parametrize("embed_from", ["online", "ema"])
+def test_embed_reads_the_encoder_embed_from_names(embed_from):
+  config = tiny_config(ema_decay=0.9, embed_from=embed_from)
+  method = methods.build_method(config)
+  images, _ = images_and_labels()
+  variables, _ = init_variables(method, images)
+  # An EMA whose encoder differs from the online one, so reading the wrong one shows.
+  state = {"ema": jax.tree.map(lambda p: 0.5 * p + 0.1, variables)}
+  read = state["ema"] if embed_from == "ema" else variables
+  other = variables if embed_from == "ema" else state["ema"]
+  embedded = np.asarray(jax.jit(method.embed)(variables, state, images))
+  # Jitted against eager: float32 reassociation only.
+  np.testing.assert_allclose(embedded, pooled_features(config, read["params"]["encoder"], images),
+                             rtol=1e-4, atol=1e-4)
+  assert not np.allclose(embedded, pooled_features(config, other["params"]["encoder"], images), atol=1e-3)
+  # What config.init_from's 'encoder' copies out of this run is the same encoder.
+  jax.tree.map(np.testing.assert_array_equal, method.encoder_variables(variables, state),
+               {"params": read["params"]["encoder"]})
+
+
+def test_embed_from_ema_needs_an_ema():
+  with pytest.raises(ValueError, match="embed_from='ema' needs config.method.ema_decay"):
+    methods.build_method(tiny_config(embed_from="ema"))
 
 
 def numpy_classification_sums(logits, labels, mask):
@@ -146,14 +189,14 @@ def test_classification_sums_match_numpy_and_skip_masked_rows():
 def test_evaluate_scores_the_model_and_its_ema():
   method = methods.build_method(tiny_config(ema_decay=0.99))
   images, labels = images_and_labels(batch=8, seed=4)
-  params, state = init_params(method, images)
-  params["head"]["logits"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), (32, NUM_CLASSES))
-  state = {"ema": jax.tree.map(lambda p: -p, params)}
+  variables, state = init_variables(method, images)
+  variables["params"]["head"]["logits"]["kernel"] = random_head_kernel()
+  state = {"ema": jax.tree.map(lambda p: -p, variables)}
   mask = np.array([True] * 6 + [False] * 2)
-  sums = method.evaluate(params, state, {"image": images, "label": labels, "mask": jnp.asarray(mask)})
+  sums = method.evaluate(variables, state, {"image": images, "label": labels, "mask": jnp.asarray(mask)})
   model = finetune.model_from_config(tiny_config())
-  for prefix, weights in (("", params), ("ema_", state["ema"])):
-    logits = np.asarray(model.apply({"params": weights}, images, train=False)[0])
+  for prefix, weights in (("", variables), ("ema_", state["ema"])):
+    logits = np.asarray(model.apply(weights, images, train=False)[0])
     for name, value in numpy_classification_sums(logits, np.asarray(labels), mask).items():
       key = name if name == "count" else prefix + name
       np.testing.assert_allclose(float(sums[key]), value, rtol=1e-5, err_msg=key)
@@ -169,10 +212,12 @@ def test_eval_mode_has_no_drop_path_and_train_mode_does():
   def features(module, rng, train):  # pre-logits: unit scale, unlike the near-zero logits of a fresh head
     return module.apply({"params": params}, images, train=train, rngs={"dropout": rng})[1]["pre_logits"]
 
-  eval_a, eval_b = features(model, jax.random.PRNGKey(1), False), features(model, jax.random.PRNGKey(2), False)
+  eval_a = features(model, jax.random.PRNGKey(1), False)
+  eval_b = features(model, jax.random.PRNGKey(2), False)
   np.testing.assert_array_equal(eval_a, eval_b)
   np.testing.assert_array_equal(eval_a, model.apply({"params": params}, images, train=False)[1]["pre_logits"])
-  train_a, train_b = features(model, jax.random.PRNGKey(1), True), features(model, jax.random.PRNGKey(2), True)
+  train_a = features(model, jax.random.PRNGKey(1), True)
+  train_b = features(model, jax.random.PRNGKey(2), True)
   assert not np.allclose(train_a, train_b, atol=1e-3) and not np.allclose(train_a, eval_a, atol=1e-3)
   config.model.drop_path_rate = 0.0  # same weights without drop path: train mode equals eval mode
   plain = finetune.model_from_config(config)
@@ -180,50 +225,72 @@ def test_eval_mode_has_no_drop_path_and_train_mode_does():
 
 
 def test_head_layout_init_and_weight_decay():
-  method = methods.build_method(tiny_config())
+  config = tiny_config()
+  method = methods.build_method(config)
   images, _ = images_and_labels()
-  params, _ = init_params(method, images)
+  variables, _ = init_variables(method, images)
+  params = variables["params"]
+  assert set(variables) == {"params"}
   assert set(params) == {"encoder", "head"} and set(params["head"]) == {"fc_norm", "logits"}
   kernel = np.asarray(params["head"]["logits"]["kernel"])
   assert 1e-5 < kernel.std() < 4e-5 and not np.any(params["head"]["logits"]["bias"])
-  decays = optim.weight_decay_mask(params)["head"]
-  assert decays["logits"]["kernel"] and not decays["logits"]["bias"]
-  assert not any(jax.tree.leaves(decays["fc_norm"]))
+  decays = optim.weight_decay_mask(params, config.optimizer.wd_mults)
+  assert decays["head"]["logits"]["kernel"] and not decays["head"]["logits"]["bias"]
+  assert not any(jax.tree.leaves(decays["head"]["fc_norm"]))
+  # MAE's fine-tuning exempts the class token (and a learned position table) from weight decay.
+  assert decays["encoder"]["patch_embed"]["kernel"] and not decays["encoder"]["cls_token"]
+  # fc_norm is a LayerNorm with the encoder's epsilon: re-standardising the pooled vector.
+  config.model.layer_norm_eps = 1e-3
+  pre_logits = finetune.model_from_config(config).apply(variables, images, train=False)[1]["pre_logits"]
+  pooled = pooled_features(config, params["encoder"], images)
+  mean, var = pooled.mean(axis=1, keepdims=True), pooled.var(axis=1, keepdims=True)
+  np.testing.assert_allclose(pre_logits, (pooled - mean) / np.sqrt(var + 1e-3), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("key, value", [
     ("method.num_classes", 1), ("method.label_smoothing", 1.0), ("method.label_smoothing", -0.1),
     ("method.mixup_alpha", -0.8), ("method.cutmix_alpha", -1.0), ("method.mix_prob", 1.5),
     ("method.switch_prob", -0.1), ("method.ema_decay", 1.0), ("method.ema_decay", 0.0),
-    ("optimizer.layer_decay", 0.0), ("optimizer.layer_decay", 1.2), ("model.pooling", "max"),
-    ("model.drop_path_rate", 1.0)])
+    ("method.embed_from", "teacher"), ("optimizer.layer_decay", 0.0), ("optimizer.layer_decay", 1.2),
+    ("model.pooling", "max"), ("model.drop_path_rate", 1.0)])
 def test_bad_values_name_their_key(key, value):
+  checks.validate_run_config(tiny_config())  # the unchanged config is valid: the error is the key's
   config = tiny_config()
   section, name = key.split(".")
   config[section][name] = value
+  # Each module validates its own section; the loop runs them all before building anything.
   with pytest.raises(ValueError, match=f"config.{key}="):
+    checks.validate_run_config(config)
+
+
+def test_unset_number_of_classes_is_named():
+  config = tiny_config()
+  config.method = finetune.default_config()  # num_classes has no default: the data set decides it
+  with pytest.raises(ValueError, match="config.method.num_classes=None"):
     methods.build_method(config)
 
 
-def test_missing_method_keys_are_named():
+def test_layer_decay_needs_a_vit():
   config = tiny_config()
-  del config.method["num_classes"]
-  with pytest.raises(ValueError, match="num_classes"):
+  config.model = models.default_config("resnet")
+  with pytest.raises(ValueError, match="config.optimizer.layer_decay=0.75 needs a ViT"):
     methods.build_method(config)
 
 
 def load_config(arg=None):
-  spec = importlib.util.spec_from_file_location("finetune_config", os.path.join(REPO, "configs", "finetune.py"))
+  path = os.path.join(REPO, "configs", "finetune.py")
+  spec = importlib.util.spec_from_file_location("finetune_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config() if arg is None else module.get_config(arg)
 
 
 def encoder_shapes(config, method_config):
-  image = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, config.data.channels), np.float32)
+  size = config.data.image_size
+  image = jax.ShapeDtypeStruct((1, size, size, config.data.channels), np.float32)
   method = methods.build_method(method_config)
-  params = jax.eval_shape(lambda x: nn.unbox(method.init(jax.random.PRNGKey(0), {"image": x})[0]), image)
-  return jax.tree.map(lambda leaf: leaf.shape, params["encoder"])
+  variables = jax.eval_shape(lambda x: nn.unbox(method.init(jax.random.PRNGKey(0), {"image": x})[0]), image)
+  return jax.tree.map(lambda leaf: leaf.shape, variables["params"]["encoder"])
 
 
 def load_pretrain_config(name, arg=None):
@@ -234,14 +301,14 @@ def load_pretrain_config(name, arg=None):
 
 
 @pytest.mark.parametrize("arg, pretrain", [
-    (None, ("mae_fashion_mnist", None)), ("vitb", ("mae_vitb", None)), ("vitl:local", ("mae_vitl", "local")),
+    (None, ("mae_fashion_mnist", None)), ("vitb", ("mae_vitb", None)), ("vitl,local", ("mae_vitl", "local")),
     ("vith:local", ("mae_vith", "local"))])
 def test_configs_validate_and_match_their_pretraining_encoder(arg, pretrain):
   config = load_config(arg)
   assert config.task == "finetune" and config.method.name == "finetune"
   if config.data.source == "tfds":
     config.data.source = "synthetic"  # ImageNet is not on this machine; everything else is checked
-  config_lib.validate_config(config)
+  checks.validate_run_config(config)
   # --config.init_from restores the pretraining run's encoder into these exact shapes.
   pretrain_config = load_pretrain_config(*pretrain)
   assert encoder_shapes(config, config) == encoder_shapes(config, pretrain_config)
@@ -251,18 +318,24 @@ def test_configs_validate_and_match_their_pretraining_encoder(arg, pretrain):
     ("vitb", 100, 5e-4, 0.65, 0.1), ("vitl", 50, 1e-3, 0.75, 0.2), ("vith", 50, 1e-3, 0.75, 0.3)])
 def test_imagenet_configs_follow_mae_finetune_recipe(arg, epochs, base_lr, layer_decay, drop_path):
   config = load_config(arg)
-  assert (config.num_epochs, config.optimizer.base_lr, config.optimizer.layer_decay) == (epochs, base_lr, layer_decay)
-  assert config.model.drop_path_rate == drop_path and config.model.pooling == "gap"
+  assert config.num_epochs == epochs
+  assert (config.optimizer.base_lr, config.optimizer.layer_decay) == (base_lr, layer_decay)
+  # MAE's global pooling: the mean patch token, re-normalised by fc_norm before the head.
+  assert config.model.drop_path_rate == drop_path and config.model.pooling == "mean" and config.method.fc_norm
   assert config.batch_size == 1024 and config.schedule.warmup_epochs == 5.0
   assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.weight_decay) == (0.9, 0.999, 0.05)
   method = config.method
-  assert (method.num_classes, method.label_smoothing, method.mixup_alpha, method.cutmix_alpha) == (1000, 0.1, 0.8, 1.0)
-  assert config.data.dataset == "imagenet2012" and config.data.augmentation.startswith("random_resized_crop(224")
+  assert (method.num_classes, method.label_smoothing) == (1000, 0.1)
+  assert (method.mixup_alpha, method.cutmix_alpha) == (0.8, 1.0)
+  assert config.data.dataset == "imagenet2012"
+  assert config.data.augmentation.startswith("random_resized_crop(224")
   assert config.checkpoint.best_metric == "eval/top1" and config.eval.every_epochs == 1.0
-  local = load_config(f"{arg}:local")
+  local = load_config(f"{arg},local")
   assert local.total_steps == 20 and local.batch_size == 8 and local.model.depth == 2
 
 
-def test_unknown_config_argument_is_named():
-  with pytest.raises(ValueError, match="'vitb:lokal'"):
-    load_config("vitb:lokal")
+@pytest.mark.parametrize("arg, named", [("vitb:lokal", "'lokal'"), ("vitz", "'vitz'"),
+                                        ("fashion_mnist,local", "already runs on a CPU")])
+def test_unknown_config_argument_is_named(arg, named):
+  with pytest.raises(ValueError, match=named):
+    load_config(arg)

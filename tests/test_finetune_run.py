@@ -1,13 +1,15 @@
-"""Fine-tuning through the one training loop: init_from, held-out evaluation, best checkpoint, results.json."""
+"""Fine-tuning through the one training loop: init_from, held-out evaluation, best checkpoint and
+results.json."""
 import json
 import os
 
 import jax
 import numpy as np
+import pytest
 
 from sslx import config as config_lib
 from sslx import train
-from sslx.evaluate import finetune
+from sslx.methods import finetune
 from train_helpers import tiny_run_config
 
 
@@ -25,15 +27,31 @@ def _finetune_config(init_from, **overrides):
   return config_lib.finalize(config)
 
 
-def test_finetune_starts_from_the_pretrained_encoder_and_keeps_the_best(tmp_path, capsys):
-  source_state, _ = train.train(tiny_run_config(total_steps=2), str(tmp_path / "pretrain"))
-  workdir = tmp_path / "finetune"
-  run = train._Run(_finetune_config(str(tmp_path / "pretrain")), str(workdir))
-  initial = run.initial_state()
-  jax.tree.map(np.testing.assert_array_equal, initial.params["encoder"], source_state.params["encoder"])
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """A 2-step MAE run whose encoder owns a mask token (as SimMIM's and BEiT's do), which MAE never uses."""
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  state, _ = train.train(tiny_run_config(total_steps=2, **{"model.mask_token": True}), workdir)
+  return workdir, state
 
-  state, last = train.train(_finetune_config(str(tmp_path / "pretrain")), str(workdir))
+
+def test_finetune_starts_from_the_pretrained_encoder_and_keeps_the_best(pretrained, tmp_path, capsys):
+  source_dir, source_state = pretrained
+  workdir = tmp_path / "finetune"
+  config = _finetune_config(source_dir)
+  assert not config.model.mask_token  # the classifier's encoder has no mask token ...
+  run = train._Run(config, str(workdir))
+  initial = run.initial_state()
+  source_encoder = dict(source_state.params["encoder"])
+  assert source_encoder.pop("mask_token").shape == (1, 1, 32)  # ... the pretrained one has
+  jax.tree.map(np.testing.assert_array_equal, initial.params["encoder"], source_encoder)
+  # The unused leaf is named, not silently dropped.
+  assert (f"encoder initialised from encoder of {source_dir}/checkpoints/2 (ignored, unused here: "
+          "params/mask_token)") in capsys.readouterr().out
+
+  state, last = train.train(_finetune_config(source_dir), str(workdir))
   printed = capsys.readouterr().out
+  assert "(ignored, unused here: params/mask_token)" in printed
   assert "step 2: eval/" in printed and "step 4: eval/" in printed
   for name in ("eval/top1", "eval/top5", "eval/loss", "eval/ema_top1"):
     assert name in last
@@ -43,4 +61,4 @@ def test_finetune_starts_from_the_pretrained_encoder_and_keeps_the_best(tmp_path
   assert results["task"] == "finetune" and results["last"]["eval/top1"] == last["eval/top1"]
   best = results["best"]
   assert best["eval/top1"] >= last["eval/top1"] and os.listdir(workdir / "best") == [str(best["step"])]
-  assert int(state.step) == 4
+  assert int(state.step) == 4 and "mask_token" not in state.params["encoder"]

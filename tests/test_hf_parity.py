@@ -49,10 +49,10 @@ def _sslx_model(values, pos_embed="sincos"):
   config = ml_collections.ConfigDict(dict(
       model=dict(variant=f"B/{values['patch_size']}", width=values["width"], depth=values["depth"],
                  num_heads=values["num_heads"], mlp_dim=values["mlp_dim"], pos_embed=pos_embed,
-                 layer_norm_eps=values["layer_norm_eps"], dtype="float32",
-                 decoder=dict(width=values["decoder_width"], depth=values["decoder_depth"],
-                              num_heads=values["decoder_num_heads"], mlp_dim=values["decoder_mlp_dim"])),
-      method=dict(name="mae", mask_ratio=values["mask_ratio"], norm_pix_loss=values["norm_pix_loss"]),
+                 layer_norm_eps=values["layer_norm_eps"], dtype="float32"),
+      method=dict(name="mae", mask_ratio=values["mask_ratio"], norm_pix_loss=values["norm_pix_loss"],
+                  decoder=dict(width=values["decoder_width"], depth=values["decoder_depth"],
+                               num_heads=values["decoder_num_heads"], mlp_dim=values["decoder_mlp_dim"])),
       data=dict(image_size=values["image_size"], channels=values["channels"])))
   return mae.model_from_config(config)
 

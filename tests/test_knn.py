@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
+from sslx import methods
+from sslx import models
 from sslx.evaluate import features as features_lib
 from sslx.evaluate import knn
-from sslx.models import vit
 
 
 def _reference(train, train_labels, test, num_classes, k, temperature):
@@ -27,7 +28,7 @@ def _reference(train, train_labels, test, num_classes, k, temperature):
 
 def _reference_correct(scores, labels, topk):
   correct = []
-  for row, label in zip(scores, labels):
+  for row, label in zip(scores, labels, strict=True):
     voted = [c for c in np.argsort(-row, kind="stable") if row[c] > 0]
     correct.append(label in voted[:topk])
   return np.array(correct)
@@ -129,9 +130,11 @@ def test_bad_arguments_raise():
 
 # ---- feature extraction ----
 
-def _tiny_vit(drop_path_rate=0.5):
-  return vit.VisionTransformer(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64,
-                               drop_path_rate=drop_path_rate)
+def _tiny_vit(pooling=None, drop_path_rate=0.5):
+  """A ViT built through the encoder registry, as every evaluation builds it from ``config.model``."""
+  return models.encoder_from_config(models.default_config(
+      "vit", variant="Ti/8", width=32, depth=2, num_heads=2, mlp_dim=64, pooling=pooling,
+      drop_path_rate=drop_path_rate, dtype="float32"))
 
 
 def _batches(images, labels, batch_size):
@@ -147,45 +150,61 @@ def _batches(images, labels, batch_size):
   return batches
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", [None, "cls", "mean"])
 def test_extract_features_drops_padding_and_runs_in_eval_mode(pooling):
-  model = _tiny_vit()
+  model = _tiny_vit(pooling)
   rng = np.random.RandomState(0)
   images = rng.randn(10, 16, 16, 3).astype(np.float32)
   labels = np.arange(10)
-  params = model.init(jax.random.key(0), images[:1], train=False)["params"]
+  variables = model.init(jax.random.key(0), images[:1], train=False)
+  # A method's embed over its online encoder, the one door every evaluation reads an encoder through.
+  embed, _ = methods.frozen_encoder(model, lambda variables, method_state: variables)
 
-  feats, got_labels = features_lib.extract_features(model.apply, params, _batches(images, labels, 4),
-                                                    pooling=pooling)
+  feats, got_labels = features_lib.extract_features(embed, (variables, {}), _batches(images, labels, 4))
   # Eval mode: a high drop-path rate would change outputs (and need an rng) if train were True.
-  _, aux = model.apply({"params": params}, images, train=False)
-  expected = aux["cls_token"] if pooling == "cls" else aux["patch_tokens"].mean(axis=1)
+  _, aux = model.apply(variables, images, train=False)
+  # None: the encoder's default, its class token.
+  expected = aux["patch_tokens"].mean(axis=1) if pooling == "mean" else aux["cls_token"]
   assert feats.shape == (10, 32) and feats.dtype == np.float32
   np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(got_labels, labels)
 
 
+def test_extract_features_passes_the_whole_state_to_embed():
+  """``state`` is ``(variables, method_state)``; an embed may read either (an EMA teacher lives in the
+  latter)."""
+  images = np.random.RandomState(1).randn(6, 4, 4, 1).astype(np.float32)
+  state = ({"params": {"scale": np.float32(2.0)}}, {"shift": np.float32(-1.0)})
+
+  def embed(variables, method_state, batch):
+    return batch.reshape(len(batch), -1) * variables["params"]["scale"] + method_state["shift"]
+
+  feats, _ = features_lib.extract_features(embed, state, _batches(images, np.arange(6), 4))
+  np.testing.assert_allclose(feats, 2.0 * images.reshape(6, -1) - 1.0, rtol=1e-6)
+
+
 _SHARDED_FEATURES_SCRIPT = """
 import jax, numpy as np
-from sslx import parallel
+from sslx import methods, models, parallel
 from sslx.evaluate import features
-from sslx.models import vit
 assert jax.device_count() == 4
-model = vit.VisionTransformer(patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64)
+model = models.encoder_from_config(models.default_config(
+    "vit", variant="Ti/8", width=32, depth=2, num_heads=2, mlp_dim=64, pooling="mean", dtype="float32"))
+embed, _ = methods.frozen_encoder(model, lambda variables, method_state: variables)
 images = np.random.RandomState(0).randn(14, 16, 16, 3).astype(np.float32)
-params = model.init(jax.random.key(0), images[:1], train=False)["params"]
+state = (model.init(jax.random.key(0), images[:1], train=False), {})
 # Two batches of 8 whose last 2 rows are padding: 12 real rows.
 batches = [dict(image=images[i:i + 8], label=np.arange(i, i + 8), mask=np.arange(8) < 6)
            for i in (0, 6)]
-plain, plain_labels = features.extract_features(model.apply, params, batches, pooling="mean")
+plain, plain_labels = features.extract_features(embed, state, batches)
 for fsdp in (1, 2):
   mesh = parallel.create_mesh(fsdp)
-  sharded, labels = features.extract_features(model.apply, params, batches, pooling="mean", mesh=mesh)
+  sharded, labels = features.extract_features(embed, state, batches, mesh=mesh)
   np.testing.assert_allclose(sharded, plain, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(labels, np.arange(12))
 # 6 rows do not split over 4 devices: padded to 8 with masked rows, which never come back.
-odd, odd_labels = features.extract_features(model.apply, params, [dict(image=images[:6], label=np.arange(6))],
-                                            pooling="mean", mesh=mesh)
+odd, odd_labels = features.extract_features(embed, state, [dict(image=images[:6], label=np.arange(6))],
+                                            mesh=mesh)
 np.testing.assert_allclose(odd, plain[:6], rtol=1e-5, atol=1e-6)
 np.testing.assert_array_equal(odd_labels, np.arange(6))
 print("features match")
@@ -202,6 +221,7 @@ def test_extract_features_sharded_over_four_devices():
   assert "features match" in result.stdout
 
 
-def test_extract_features_rejects_unknown_pooling():
-  with pytest.raises(ValueError, match="pooling"):
-    features_lib.extract_features(None, None, [], pooling="max")
+def test_unknown_pooling_is_named_by_the_encoder_config():
+  config = models.default_config("vit", variant="Ti/8", pooling="max")
+  with pytest.raises(ValueError, match="config.model.pooling='max'"):
+    models.validate_config(config, image_size=16)

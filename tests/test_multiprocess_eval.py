@@ -14,6 +14,7 @@ from unittest import mock
 import jax
 import numpy as np
 
+from sslx import recipes
 from sslx.evaluate import run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def tiny_knn_config():
   process holds 8 of its 5,000 images and 184 padding rows, and the bank limit (1,000) ends inside
   the third batch.
   """
-  config = run.eval_task_config("knn")
+  config = run.eval_task_config("knn", recipes.mae_fashion_mnist())
   config.model.update(dict(variant="Ti/7", width=32, depth=1, num_heads=2, mlp_dim=64, dtype="float32"))
   config.eval.update(dict(batch_size=384, max_train_examples=1000, knn_ks=(20,)))
   return config
@@ -35,13 +36,13 @@ def tiny_knn_config():
 
 def evaluate_recording_features(config, workdir):
   """``run.evaluate``, and the ``{split: (features, labels)}`` it extracted on the way."""
-  extracted, extract = {}, run.encoder_features
+  extracted, extract = {}, run.method_features
 
-  def recording(model_config, params, data_config, eval_config, split, *args, **kwargs):
-    extracted[split] = extract(model_config, params, data_config, eval_config, split, *args, **kwargs)
+  def recording(embed, state, data_config, eval_config, split, *args, **kwargs):
+    extracted[split] = extract(embed, state, data_config, eval_config, split, *args, **kwargs)
     return extracted[split]
 
-  with mock.patch.object(run, "encoder_features", recording):
+  with mock.patch.object(run, "method_features", recording):
     return run.evaluate(config, workdir), extracted
 
 
@@ -58,7 +59,8 @@ def _env(**extra):
 def test_two_processes_get_the_single_process_features_and_knn_accuracy(tmp_path):
   port = _free_port()
   workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port), str(tmp_path)],
-                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
              for i in range(NUM_PROCESSES)]
   try:
     expected_results, expected = evaluate_recording_features(tiny_knn_config(), str(tmp_path / "single"))
@@ -66,7 +68,7 @@ def test_two_processes_get_the_single_process_features_and_knn_accuracy(tmp_path
   finally:
     for worker in workers:
       worker.kill()
-  for worker, log in zip(workers, logs):
+  for worker, log in zip(workers, logs, strict=True):
     assert worker.returncode == 0, log[-3000:]
 
   assert len(expected["train"][0]) == 1152 and len(expected["test"][0]) == 10_000
@@ -93,17 +95,15 @@ import numpy as np
 from sslx import parallel
 from sslx.data import pipeline
 from sslx.evaluate import features, run
-from sslx.models import vit
 from tests.test_multiprocess_eval import tiny_knn_config
 assert jax.device_count() == 8
 config = tiny_knn_config()
 config.eval.batch_size = 100  # 12.5 rows per device: every batch is padded to 104 rows on the mesh
-params = run.random_encoder(config.model, config.data, config.seed)
-sharded, labels = run.encoder_features(config.model, params, config.data, config.eval, "test", limit=2000)
+method, state = run.random_init(config, config.seed)
+sharded, labels = run.method_features(method.embed, state, config.data, config.eval, "test", limit=2000)
 batches = list(itertools.islice(pipeline.make_eval_loader(config.data, split="test", batch_size=100), 20))
-apply = vit.encoder_from_config(config.model).apply
 for mesh in (None, parallel.create_mesh(2)):  # one device; 8 devices as data 4 x fsdp 2
-  x, y = features.extract_features(apply, params, batches, mesh=mesh)
+  x, y = features.extract_features(method.embed, state, batches, mesh=mesh)
   np.testing.assert_array_equal(y, labels)
   np.testing.assert_allclose(x, sharded, rtol=0, atol=1e-5)
 print("eight devices match one")
@@ -112,8 +112,8 @@ print("eight devices match one")
 
 def test_extraction_on_eight_devices_matches_one_device():
   env = _env(XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
-  result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES_SCRIPT], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES_SCRIPT], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eight devices match one" in result.stdout
 
@@ -128,6 +128,6 @@ if __name__ == "__main__":
       tiny_knn_config(), os.path.join(outdir, f"eval_{process_id}"))
   np.savez(os.path.join(outdir, f"features_{process_id}.npz"),
            **{f"{split}_{name}": array for split, arrays in worker_features.items()
-              for name, array in zip(("features", "labels"), arrays)})
+              for name, array in zip(("features", "labels"), arrays, strict=True)})
   with open(os.path.join(outdir, f"results_{process_id}.json"), "w", encoding="utf-8") as out:
     json.dump(worker_results, out)

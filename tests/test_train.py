@@ -108,16 +108,16 @@ config = tiny_run_config()
 method = methods.build_method(config)
 images = np.random.default_rng(0).normal(size=(16, 28, 28, 1)).astype(np.float32)
 rng = jax.random.PRNGKey(3)
-boxed = jax.eval_shape(lambda: method.init(rng, {"image": images[:1]})[0])
+boxed = jax.eval_shape(lambda: method.init(rng, {"image": images[:1]})[0]["params"])
 def grads_on(devices, fsdp):
   mesh = Mesh(np.array(devices).reshape(-1, fsdp), parallel.DATA_AXES)
   param_sharding = parallel.shardings_from_logical(boxed, mesh, parallel.logical_axis_rules(fsdp))
-  params = jax.jit(lambda: jax.tree.map(lambda x: x, method.init(rng, {"image": images[:1]})[0]),
+  params = jax.jit(lambda: jax.tree.map(lambda x: x, method.init(rng, {"image": images[:1]})[0]["params"]),
                    out_shardings=param_sharding)()
   params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
                         is_leaf=lambda x: hasattr(x, "value"))
   batch = jax.device_put({"image": images}, parallel.batch_sharding(mesh))
-  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: method.loss_fn(p, {}, b, rng)[0]))
+  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: method.loss_fn({"params": p}, {}, b, rng)[0]))
   loss, grads = grad_fn(params, batch)
   return float(loss), jax.device_get(grads)
 loss1, grads1 = grads_on(jax.devices()[:1], 1)

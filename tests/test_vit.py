@@ -108,13 +108,13 @@ def test_resolve_dtype():
 # --- the encoder ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pooling", ["cls", "gap"])
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_output_shapes_and_aux(params, pooling):
   features, aux = _tiny(pooling=pooling).apply({"params": params}, _images(), train=False)
-  assert set(aux) == {"patch_tokens", "cls_token", "pre_logits"}
+  assert set(aux) == {"pooled", "patch_tokens", "cls_token"}
   assert aux["patch_tokens"].shape == (4, 16, 32)
   assert aux["cls_token"].shape == features.shape == (4, 32)
-  np.testing.assert_array_equal(aux["pre_logits"], features)
+  np.testing.assert_array_equal(aux["pooled"], features)
   expected = aux["cls_token"] if pooling == "cls" else jnp.mean(aux["patch_tokens"], axis=1)
   np.testing.assert_allclose(features, expected, rtol=1e-6)
 
@@ -202,3 +202,52 @@ def test_rejects_bad_settings():
     _abstract_init(_tiny(pos_embed="rope"), _images())
   with pytest.raises(ValueError, match="not divisible by patch size"):
     _abstract_init(_tiny(), _images(size=28))
+
+
+# --- mask token ---------------------------------------------------------------------------------------
+
+
+def _token_sequence(model, params, images, mask):
+  """The token sequence the first block sees: (B, 1 + L, D), class token first."""
+  captured = {}
+
+  def grab(next_fun, args, kwargs, context):
+    if context.module.name == "block_0" and context.method_name == "__call__":
+      captured["tokens"] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(grab):
+    model.apply({"params": params}, images, train=False, mask=mask)
+  return captured["tokens"]
+
+
+def test_masked_positions_hold_the_mask_token_plus_position_embedding():
+  model = _tiny(use_mask_token=True)
+  images = _images()
+  params = nn.unbox(jax.jit(lambda key: model.init({"params": key}, images, train=False))(jax.random.key(1)))["params"]
+  assert params["mask_token"].shape == (1, 1, 32)
+  mask = jnp.asarray(np.random.RandomState(0).rand(4, 16) < 0.5)
+  tokens = _token_sequence(model, params, images, mask)
+  plain = _token_sequence(model, params, images, None)
+  pos = vit.sincos_pos_embed_2d(32, 4)
+  expected_masked = np.broadcast_to(np.asarray(params["mask_token"])[0] + pos, (4, 16, 32))
+  m = np.asarray(mask)
+  np.testing.assert_allclose(np.asarray(tokens)[:, 1:][m], expected_masked[m], atol=1e-6)
+  # Visible patches and the class token are untouched by the mask.
+  np.testing.assert_array_equal(np.asarray(tokens)[:, 1:][~m], np.asarray(plain)[:, 1:][~m])
+  np.testing.assert_array_equal(tokens[:, 0], plain[:, 0])
+
+
+def test_a_mask_needs_a_mask_token(params):
+  with pytest.raises(ValueError, match="mask_token=True"):
+    _tiny().apply({"params": params}, _images(), train=False, mask=jnp.zeros((4, 16), bool))
+
+
+def test_config_validation_names_the_key():
+  config = vit.default_config("Ti/8")
+  vit.validate_config(config, 32)
+  with pytest.raises(ValueError, match="config.data.image_size=30"):
+    vit.validate_config(config, 30)
+  config.pooling = "max"
+  with pytest.raises(ValueError, match="config.model.pooling='max'"):
+    vit.validate_config(config, 32)

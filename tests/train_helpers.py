@@ -4,12 +4,13 @@ import os
 import sys
 
 from sslx import config as config_lib
+from sslx import recipes
 
 
 def tiny_run_config(**overrides):
-  config = config_lib.pretrain_config()
-  config.model.update(dict(variant="Ti/7", width=32, depth=1, num_heads=2, mlp_dim=64))
-  config.model.decoder.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
+  config = recipes.mae_config("Ti/7")
+  config.model.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
+  config.method.decoder.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
   config.batch_size = 16
   config.total_steps = 6
   config.optimizer.base_lr = 2e-2  # lr = 1.25e-3 at batch 16

@@ -53,7 +53,7 @@ def default_data_config(**overrides) -> ml_collections.ConfigDict:
   A dict for ``augment`` updates only the keys it names; ``augmentation`` and ``views`` are described in
   ``views.py``.
   """
-  config = config_lib.pretrain_config().data
+  config = config_lib.base_config().data
   config.update(overrides)
   return config
 

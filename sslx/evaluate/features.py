@@ -1,10 +1,8 @@
 """Frozen-encoder feature extraction for kNN, linear probes and diagnostics.
 
-The encoder runs in evaluation mode (``train=False``: no drop path; no masking, since no ``ids_keep``
-is passed) and its ``(features, aux)`` output is pooled into one vector per image:
-
-  'cls':  z = aux['cls_token']                      (after the final LayerNorm)
-  'mean': z = (1 / L) sum_l aux['patch_tokens'][l]  (mean of the normalised patch tokens)
+Features come from a method's `Method.embed` ``(variables, method_state, images) -> (B, D)``: its
+encoder in evaluation mode (no drop path, no masking, BatchNorm's running averages), pooled as
+``config.model.pooling`` says (`sslx.models`: ``aux['pooled']``).
 
 With several processes each one reads only its share of the split and the encoder runs once over the
 global batch on the mesh; every process gets back all features, in the split's order. The pooled
@@ -26,26 +24,18 @@ from jax.sharding import Mesh
 
 from sslx import parallel
 
-POOLINGS = ("cls", "mean")
 
-
-def pool(aux: dict, pooling: str) -> jax.Array:
-  """One vector per image from the encoder's ``aux`` outputs (see module docstring)."""
-  if pooling == "cls":
-    return aux["cls_token"]
-  return jnp.mean(aux["patch_tokens"], axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("encoder_apply", "pooling", "out_sharding"))
-def _embed(params, images, ids, labels, *, encoder_apply, pooling: str, out_sharding):
-  """Pooled float32 features of a global batch, replicated on leaving with the rows' example ids and labels.
+@functools.partial(jax.jit, static_argnames=("embed", "out_sharding"))
+def _embed(state, images, ids, labels, *, embed, out_sharding):
+  """Float32 features of a global batch, replicated on leaving with the rows' example ids and labels.
 
   Ids and labels travel in global arrays sharded like the images, so every process gets its rows back
-  aligned, whatever order the mesh lays the processes' shards in. Compiled once per (``encoder_apply``
-  object, pooling, mesh, shapes), so later calls with the same ``apply`` reuse the program.
+  aligned, whatever order the mesh lays the processes' shards in. Compiled once per (``embed`` object,
+  mesh, shapes), so later calls with the same ``embed`` reuse the program.
   """
-  _, aux = encoder_apply({"params": params}, images, train=False)
-  return jax.lax.with_sharding_constraint((pool(aux, pooling).astype(jnp.float32), ids, labels), out_sharding)
+  variables, method_state = state
+  features = embed(variables, method_state, images).astype(jnp.float32)
+  return jax.lax.with_sharding_constraint((features, ids, labels), out_sharding)
 
 
 def _default_device_mesh() -> Mesh:
@@ -60,22 +50,19 @@ def _pad_rows(x: np.ndarray, rows: int, fill=0) -> np.ndarray:
   return np.concatenate([x, np.full((rows - len(x), *x.shape[1:]), fill, x.dtype)]) if rows > len(x) else x
 
 
-def extract_features(encoder_apply: Callable[..., Any], params: Any, batches: Iterable[dict], *,
-                     pooling: str = "cls", mesh: Optional[Mesh] = None) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(embed: Callable[..., Any], state: Any, batches: Iterable[dict], *,
+                     mesh: Optional[Mesh] = None) -> tuple[np.ndarray, np.ndarray]:
   """Runs the frozen encoder over ``batches`` and keeps the real (unpadded) rows.
 
   Args:
-    encoder_apply: a Flax ``apply`` such as ``VisionTransformer(...).apply``; it is called as
-      ``encoder_apply({'params': params}, images, train=False)`` and returns ``(features, aux)``.
-    params: the encoder's parameters (e.g. ``params['encoder']`` of an MAE train state); replicated
-      over ``mesh`` here unless they already are.
+    embed: a `Method.embed`, called as ``embed(variables, method_state, images)`` -> ``(B, D)``.
+    state: ``(variables, method_state)``; replicated over ``mesh`` here unless already so.
     batches: THIS process's batches: dicts with ``'image'`` ``(b, H, W, C)``, ``'label'`` ``(b,)`` and
       optionally a boolean ``'mask'`` ``(b,)`` marking real examples (absent: all real), as from
       ``sslx.data.pipeline.make_eval_loader``. With ``P`` processes, process ``p`` must hold examples
       ``p, p + P, p + 2P, ...`` of the split (the loader's sharding, given ``jax.process_index()`` and
       ``jax.process_count()``) and every process must yield the same number of equally sized
       batches, since each batch is one collective computation. Each new batch shape compiles again.
-    pooling: ``'cls'`` or ``'mean'`` (see module docstring).
     mesh: the ``('data', 'fsdp')`` mesh whose devices split each global batch (e.g.
       ``parallel.create_mesh(1)``); required with several processes. None: this process's first device.
       A batch that does not split evenly over the local devices is padded with masked rows.
@@ -84,11 +71,9 @@ def extract_features(encoder_apply: Callable[..., Any], params: Any, batches: It
     ``(features, labels)``: float32 ``(N, D)`` and ``(N,)`` numpy arrays of the masked-in rows of all
     processes, in the split's order; the same on every process.
   """
-  if pooling not in POOLINGS:
-    raise ValueError(f"Unknown pooling {pooling!r}; choose one of {POOLINGS}.")
   mesh = _default_device_mesh() if mesh is None else mesh
   rows, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-  params = jax.device_put(params, replicated)
+  state = jax.device_put(state, replicated)
   num_local_devices = len(mesh.local_devices)
   process_index, process_count = jax.process_index(), jax.process_count()
 
@@ -117,8 +102,8 @@ def extract_features(encoder_apply: Callable[..., Any], params: Any, batches: It
              _pad_rows(batch_labels.astype(np.int32), padded))
     # Dispatch this batch before copying the previous result to the host, so the device keeps working
     # while the host waits and loads the next batch.
-    current = _embed(params, *(jax.make_array_from_process_local_data(rows, x) for x in local),
-                     encoder_apply=encoder_apply, pooling=pooling, out_sharding=replicated)
+    current = _embed(state, *(jax.make_array_from_process_local_data(rows, x) for x in local),
+                     embed=embed, out_sharding=replicated)
     if pending is not None:
       keep(pending)
     pending = current

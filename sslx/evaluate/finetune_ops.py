@@ -20,18 +20,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sslx import trees
+
 _EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed")
 _BLOCK = re.compile(r"block_(\d+)")
-
-
-def _names(path) -> list[str]:
-  return [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
 
 
 def num_blocks(params: Any) -> int:
   """Number of transformer blocks: ``1 + max i`` over ``block_i`` names in the tree."""
   ids = [int(match.group(1)) for path, _ in jax.tree_util.tree_leaves_with_path(params)
-         for name in _names(path) if (match := _BLOCK.fullmatch(name))]
+         for name in trees.path_names(path) if (match := _BLOCK.fullmatch(name))]
   if not ids:
     raise ValueError("No 'block_{i}' parameters found; is this a ViT parameter tree?")
   return max(ids) + 1
@@ -58,7 +56,7 @@ def layer_decay_multipliers(params: Any, decay: float, *, num_layers: Optional[i
   """
   num_layers = num_blocks(params) if num_layers is None else num_layers
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: decay ** (num_layers + 1 - layer_id(_names(path), num_layers)), params)
+      lambda path, _: decay ** (num_layers + 1 - layer_id(trees.path_names(path), num_layers)), params)
 
 
 def scale_by_layer_decay(multipliers: Any) -> optax.GradientTransformation:

@@ -6,16 +6,16 @@ positions with a shared mask token and predicts every patch; the loss counts mas
 from __future__ import annotations
 
 import collections
-
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import linen as nn
 
 from sslx import losses
 from sslx import masking
-from sslx.methods import Method
+from sslx.methods import Method, RunLength, online_encoder
 from sslx.models import decoders
 from sslx.models import vit
 from sslx.models.patches import patchify
@@ -53,54 +53,64 @@ class MaskedAutoencoder(nn.Module):
     return dict(pred=pred, mask=mask, ids_restore=ids_restore, ids_keep=ids_keep)
 
 
+def default_config() -> ml_collections.ConfigDict:
+  """``config.method`` of MAE: the paper's mask ratio, target and decoder (512 wide, 8 deep)."""
+  return ml_collections.ConfigDict(dict(
+      name="mae", mask_ratio=0.75, norm_pix_loss=True,
+      decoder=dict(width=512, depth=8, num_heads=16, mlp_dim=2048)))
+
+
+def validate_config(config) -> None:
+  if config.model.get("name", "vit") != "vit":
+    raise ValueError(f"config.method.name='mae' needs a token encoder: config.model.name="
+                     f"{config.model.name!r} is not 'vit'")
+  if not 0.0 < config.method.mask_ratio < 1.0:
+    raise ValueError(f"config.method.mask_ratio={config.method.mask_ratio} must lie strictly between 0 and 1")
+  decoder = config.method.decoder
+  if decoder.width % decoder.num_heads:
+    raise ValueError(f"config.method.decoder.width={decoder.width} is not divisible by "
+                     f"config.method.decoder.num_heads={decoder.num_heads}")
+
+
 def model_from_config(config) -> MaskedAutoencoder:
   """Builds the module from ``config.model``, ``config.method`` and ``config.data``.
 
-  Decoder dimensions come from ``config.model.decoder.{width,depth,num_heads,mlp_dim}`` (defaults: the
-  MAE paper's 512/8/16/2048); ``config.method.mask_ratio`` defaults to 0.75.
+  Decoder dimensions come from ``config.method.decoder.{width,depth,num_heads,mlp_dim}``.
   """
-  encoder = vit.encoder_from_config(config.model)
-  size = config.data.image_size
-  if size % encoder.patch_size:
-    raise ValueError(f"config.data.image_size={size} is not divisible by the patch size "
-                     f"{encoder.patch_size} of variant {config.model.variant!r}.")
-  dec = config.model.get("decoder", {})
+  encoder = vit.from_config(config.model)
+  dec = config.method.decoder
   decoder = decoders.MAEDecoder(
       patch_dim=encoder.patch_size ** 2 * int(config.data.channels),
-      width=int(dec.get("width", 512)),
-      depth=int(dec.get("depth", 8)),
-      num_heads=int(dec.get("num_heads", 16)),
-      mlp_dim=int(dec.get("mlp_dim", 2048)),
-      layer_norm_eps=encoder.layer_norm_eps,
-      dtype=encoder.dtype,
-      param_dtype=encoder.param_dtype)
-  return MaskedAutoencoder(encoder, decoder, float(config.method.get("mask_ratio", 0.75)))
+      width=int(dec.width), depth=int(dec.depth), num_heads=int(dec.num_heads), mlp_dim=int(dec.mlp_dim),
+      layer_norm_eps=encoder.layer_norm_eps, dtype=encoder.dtype, param_dtype=encoder.param_dtype)
+  return MaskedAutoencoder(encoder, decoder, float(config.method.mask_ratio))
 
 
-def build(config) -> Method:
-  """The MAE method bundle; ``config.method.norm_pix_loss`` (default True) picks the target."""
+def build(config, run_length: RunLength) -> Method:
+  """The MAE method bundle; ``config.method.norm_pix_loss`` picks the target."""
+  del run_length  # MAE follows no schedule of its own
   model = model_from_config(config)
   patch_size = model.encoder.patch_size
-  norm_pix = bool(config.method.get("norm_pix_loss", True))
+  norm_pix = bool(config.method.norm_pix_loss)
+  embed, encoder_variables = online_encoder(model.encoder)
 
   def init(rng, batch):
     params_rng, masking_rng = jax.random.split(rng)
     variables = model.init({"params": params_rng, "masking": masking_rng}, batch["image"], train=False)
-    return variables["params"], {}
+    return dict(variables), {}
 
-  def loss_fn(params, method_state, batch, rng):
+  def loss_fn(variables, method_state, batch, rng):
     masking_rng, dropout_rng = jax.random.split(rng)
     images = batch["image"]
-    out = model.apply({"params": params}, images, train=True,
-                      rngs={"masking": masking_rng, "dropout": dropout_rng})
+    out = model.apply(variables, images, train=True, rngs={"masking": masking_rng, "dropout": dropout_rng})
     loss = losses.masked_reconstruction_loss(out["pred"], patchify(images, patch_size), out["mask"],
                                              norm_pix=norm_pix)
-    return loss, ({"loss": loss}, method_state)
+    return loss, ({"loss": loss}, method_state, {})
 
-  def visualize(params, method_state, batch, rng):
+  def visualize(variables, method_state, batch, rng):
     del method_state
     images = jnp.asarray(batch["image"], jnp.float32)
-    out = model.apply({"params": params}, images, train=False, rngs={"masking": rng})
+    out = model.apply(variables, images, train=False, rngs={"masking": rng})
     target = patchify(images, patch_size)
     pred = out["pred"].astype(jnp.float32)
     if norm_pix:
@@ -116,4 +126,5 @@ def build(config) -> Method:
         masked=unpatchify(visible, patch_size, image_hw),
         reconstruction=unpatchify(visible + pred * masked, patch_size, image_hw))
 
-  return Method(name="mae", num_views=1, init=init, loss_fn=loss_fn, visualize=visualize)
+  return Method(name="mae", num_views=1, init=init, loss_fn=loss_fn, embed=embed,
+                encoder_variables=encoder_variables, visualize=visualize)

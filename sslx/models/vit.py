@@ -11,8 +11,10 @@ from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import linen as nn
+from ml_collections.config_dict import placeholder
 
 Dtype = Any
 
@@ -163,11 +165,12 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-  """ViT encoder returning ``(features, aux)``.
+  """ViT encoder returning ``(features, aux)`` (the contract of every sslx encoder, `sslx.models`).
 
-  ``aux`` holds ``patch_tokens`` ``(B, L', D)``, ``cls_token`` ``(B, D)`` and ``pre_logits`` (= features),
+  ``aux`` holds ``pooled`` (= features), ``patch_tokens`` ``(B, L', D)`` and ``cls_token`` ``(B, D)``,
   all after the final LayerNorm. ``features`` is the class token (``pooling='cls'``) or the mean patch
-  token (``'gap'``).
+  token (``'mean'``). With ``use_mask_token`` the encoder owns a learned ``mask_token`` that replaces the
+  patch embeddings a boolean ``mask`` marks (SimMIM, BEiT).
   """
   patch_size: int
   width: int
@@ -178,11 +181,13 @@ class VisionTransformer(nn.Module):
   pooling: str = "cls"
   drop_path_rate: float = 0.0
   layer_norm_eps: float = 1e-6
+  use_mask_token: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images, *, train: bool, ids_keep: Optional[jax.Array] = None):
+  def __call__(self, images, *, train: bool, ids_keep: Optional[jax.Array] = None,
+               mask: Optional[jax.Array] = None):
     """Encodes images.
 
     Args:
@@ -190,9 +195,11 @@ class VisionTransformer(nn.Module):
       train: enables drop path (needs the ``'dropout'`` rng).
       ids_keep: optional ``(B, L_keep)`` indices of the patches to encode (row-major patch order); the
         others are dropped after the position embedding is added, as the MAE encoder does.
+      mask: optional boolean ``(B, L)`` (True = masked): those patch embeddings become the learned
+        ``mask_token`` before the position embedding is added (needs ``use_mask_token``).
     """
-    if self.pooling not in ("cls", "gap"):
-      raise ValueError(f"Unknown pooling {self.pooling!r}; choose 'cls' or 'gap'.")
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"Unknown pooling {self.pooling!r}; choose one of {POOLINGS}.")
     batch, height, width, _ = images.shape
     p = self.patch_size
     if height % p or width % p:
@@ -203,6 +210,15 @@ class VisionTransformer(nn.Module):
                 kernel_init=partitioned(_patch_init, (None, None, None, "embed")),
                 bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="patch_embed")(images)
     x = jnp.reshape(x, (batch, grid[0] * grid[1], self.width))
+
+    if self.use_mask_token:
+      # Created at init even when no mask is passed, so every run of this config has the same parameters.
+      mask_token = self.param("mask_token", partitioned(token_init, (None, None, "embed")),
+                              (1, 1, self.width), self.param_dtype)
+      if mask is not None:
+        x = jnp.where(mask[..., None], mask_token.astype(self.dtype), x)
+    elif mask is not None:
+      raise ValueError("A mask was passed to a ViT without a mask token; set config.model.mask_token=True.")
 
     if self.pos_embed == "sincos":
       pos = jnp.asarray(sincos_pos_embed_2d(self.width, grid))
@@ -229,26 +245,68 @@ class VisionTransformer(nn.Module):
 
     cls_token, patch_tokens = x[:, 0], x[:, 1:]
     features = cls_token if self.pooling == "cls" else jnp.mean(patch_tokens, axis=1)
-    return features, dict(patch_tokens=patch_tokens, cls_token=cls_token, pre_logits=features)
+    return features, dict(pooled=features, patch_tokens=patch_tokens, cls_token=cls_token)
 
 
-def encoder_from_config(model_config) -> VisionTransformer:
-  """Builds the encoder described by ``config.model``.
+POOLINGS = ("cls", "mean")
 
-  Reads ``variant`` (e.g. ``'B/16'``) and the optional keys ``width``, ``depth``, ``num_heads``,
-  ``mlp_dim`` (``None`` or absent: from the variant), ``pos_embed`` (``'sincos'``), ``pooling``
-  (``'cls'``), ``drop_path_rate`` (0), ``layer_norm_eps`` (1e-6) and ``dtype`` (``'auto'``).
-  Parameters are always float32.
-  """
+
+def default_config(variant: str = "B/16") -> ml_collections.ConfigDict:
+  """``config.model`` of a ViT: the variant and the keys that refine it (None: from the variant)."""
+  return ml_collections.ConfigDict(dict(
+      name="vit",
+      variant=variant,
+      width=placeholder(int),
+      depth=placeholder(int),
+      num_heads=placeholder(int),
+      mlp_dim=placeholder(int),
+      pos_embed="sincos",           # 'sincos' (fixed) | 'learned'
+      pooling=placeholder(str),     # aux['pooled']: 'cls' token | 'mean' of the patch tokens; None: 'cls'
+      drop_path_rate=0.0,
+      layer_norm_eps=1e-6,
+      mask_token=False,             # a learned mask token for methods that mask inside the encoder
+      dtype="auto",                 # 'auto': bfloat16 on accelerators, float32 on CPU
+  ))
+
+
+def validate_config(model_config, image_size: int) -> None:
+  """Raises a ValueError naming the first bad ``config.model`` key; cheap, before anything compiles."""
+  patch = parse_variant(model_config.variant)["patch_size"]
+  if image_size % patch:
+    raise ValueError(f"config.data.image_size={image_size} is not divisible by the patch size {patch} of "
+                     f"config.model.variant={model_config.variant!r}")
+  if (model_config.get("pooling") or "cls") not in POOLINGS:
+    raise ValueError(f"config.model.pooling={model_config.pooling!r} is not one of {POOLINGS}")
+  if model_config.get("pos_embed", "sincos") not in ("sincos", "learned"):
+    raise ValueError(f"config.model.pos_embed={model_config.pos_embed!r} is not 'sincos' or 'learned'")
+  if not 0.0 <= model_config.get("drop_path_rate", 0.0) < 1.0:
+    raise ValueError(f"config.model.drop_path_rate={model_config.drop_path_rate} must lie in [0, 1)")
+  dims = _dims(model_config)
+  if dims["width"] % dims["num_heads"]:
+    raise ValueError(f"config.model.width={dims['width']} is not divisible by config.model.num_heads="
+                     f"{dims['num_heads']}")
+  if model_config.get("pos_embed", "sincos") == "sincos" and dims["width"] % 4:
+    raise ValueError(f"config.model.width={dims['width']} must be divisible by 4 for sin-cos position "
+                     "embeddings")
+  resolve_dtype(model_config.get("dtype", "auto"))
+
+
+def _dims(model_config) -> dict:
   dims = parse_variant(model_config.variant)
   for key in ("width", "depth", "num_heads", "mlp_dim"):
     if model_config.get(key) is not None:
       dims[key] = int(model_config.get(key))
+  return dims
+
+
+def from_config(model_config) -> VisionTransformer:
+  """Builds the encoder described by ``config.model`` (see `default_config`); parameters are float32."""
   return VisionTransformer(
-      **dims,
+      **_dims(model_config),
       pos_embed=model_config.get("pos_embed", "sincos"),
-      pooling=model_config.get("pooling", "cls"),
+      pooling=model_config.get("pooling") or "cls",
       drop_path_rate=float(model_config.get("drop_path_rate", 0.0)),
       layer_norm_eps=float(model_config.get("layer_norm_eps", 1e-6)),
+      use_mask_token=bool(model_config.get("mask_token", False)),
       dtype=resolve_dtype(model_config.get("dtype", "auto")),
       param_dtype=jnp.float32)

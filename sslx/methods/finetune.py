@@ -1,17 +1,19 @@
-"""End-to-end fine-tuning of a pretrained ViT for classification, as in MAE (He et al. 2022) and BEiT.
+"""Supervised training of an encoder for classification: fine-tuning a pretrained one (MAE, BEiT), or
+training one from scratch.
 
 A method bundle like any pretraining method: the one loop in ``sslx.train`` trains it
-(``config.task='finetune'``), loads the pretrained encoder from ``config.init_from`` into
-``params['encoder']``, runs `Method.evaluate` on ``config.data.eval_split`` every
-``config.eval.every_epochs`` and keeps the best state by ``config.checkpoint.best_metric``.
+(``config.task='finetune'``), loads the pretrained encoder from ``config.init_from`` into the encoder's
+variables, runs `Method.evaluate` on ``config.data.eval_split`` every ``config.eval.every_epochs`` and keeps
+the best state by ``config.checkpoint.best_metric``. Any encoder of `sslx.models` works; BatchNorm
+statistics (ResNets) are updated by the training step and used in evaluation.
 
-Model: encoder (drop path) → pooled features → ``fc_norm`` (LayerNorm) → linear head. Parameters are
-``{'encoder': <VisionTransformer>, 'head': {'fc_norm', 'logits'}}``; ``'fc_norm'`` only with
-``config.model.pooling='gap'``.
+Model: encoder (drop path) → pooled features (``aux['pooled']``) → ``fc_norm`` (LayerNorm, when
+``config.method.fc_norm``) → linear head. Variables are ``{'encoder': ..., 'head': {'fc_norm', 'logits'}}``
+in every collection.
 
 Pooling, and where it differs from MAE: MAE's ``--global_pool`` deletes the encoder's final LayerNorm and
 normalises the mean of the raw patch tokens with a new ``fc_norm``. Here the encoder stays exactly as it
-was pretrained (``pooling='gap'`` averages its *normalised* patch tokens), so every pretrained parameter,
+was pretrained (``pooling='mean'`` averages its *normalised* patch tokens), so every pretrained parameter,
 the final norm included, loads one-to-one and nothing pretrained is thrown away; a new ``fc_norm`` then
 re-standardises the averaged vector (averaging shrinks it) before the head. The head's kernel starts
 from N(0, (2e-5)^2) as in MAE (timm's ``trunc_normal_`` cuts at +-2 absolutely, i.e. never), bias 0.
@@ -20,9 +22,12 @@ A fixed sin-cos position table stays fixed here; MAE copies it into a learned on
 
 Training step: labels → one-hot → mixup or cutmix with probability ``mix_prob`` (cutmix with
 probability ``switch_prob``) and label smoothing (`finetune_ops.mix_batch`) → soft-target cross-entropy
-(`soft_target_cross_entropy`). Optional EMA of all parameters in ``method_state['ema']``.
+(`soft_target_cross_entropy`). Optional EMA of all variables in ``method_state['ema']``;
+``config.method.embed_from='ema'`` makes it the representation the evaluation commands read.
 """
 from __future__ import annotations
+
+import copy
 
 from typing import Any
 
@@ -30,11 +35,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
+from ml_collections.config_dict import placeholder
 
 from sslx import config as config_lib
-from sslx import optim
+from sslx import models
 from sslx.evaluate import finetune_ops
-from sslx.methods import Method
+from sslx.methods import Method, RunLength, apply_train, frozen_encoder, online_encoder, subtree_variables
 from sslx.models import vit
 
 HEAD_INIT_STD = 2e-5
@@ -60,14 +66,16 @@ class ClassifierHead(nn.Module):
 
 class Classifier(nn.Module):
   """Encoder + head; returns ``(logits, {'pre_logits': ...})``, both float32."""
-  encoder: vit.VisionTransformer
+  encoder: nn.Module
   num_classes: int
+  use_fc_norm: bool = False
+  layer_norm_eps: float = 1e-6  # fc_norm's, the encoder's own where it has LayerNorms (MAE's)
 
   @nn.compact
   def __call__(self, images, *, train: bool):
     features, _ = self.encoder(images, train=train)
-    head = ClassifierHead(self.num_classes, use_fc_norm=self.encoder.pooling == "gap",
-                          layer_norm_eps=self.encoder.layer_norm_eps, name="head")
+    head = ClassifierHead(self.num_classes, use_fc_norm=self.use_fc_norm, layer_norm_eps=self.layer_norm_eps,
+                          name="head")
     logits, pre_logits = head(features)
     return logits, dict(pre_logits=pre_logits)
 
@@ -135,52 +143,71 @@ def training_inputs(rng: jax.Array, images: jax.Array, labels: jax.Array,
 
 
 def model_from_config(config) -> Classifier:
-  return Classifier(vit.encoder_from_config(config.model), int(config.method.num_classes))
+  return Classifier(models.encoder_from_config(config.model), int(config.method.num_classes),
+                    use_fc_norm=bool(config.method.fc_norm),
+                    layer_norm_eps=float(config.model.get("layer_norm_eps", 1e-6)))
 
 
-def build(config) -> Method:
-  """The fine-tuning bundle; reads ``config.method.*`` (see `finetune_config`) and ``config.model``."""
-  validate_finetune_config(config)
+def build(config, run_length: RunLength) -> Method:
+  """The fine-tuning bundle; reads ``config.method.*`` (see `default_config`) and ``config.model``."""
+  del run_length
+  validate_config(config)
   model = model_from_config(config)
   ema_decay = config.method.ema_decay
 
   def init(rng, batch):
-    params = model.init({"params": rng}, batch["image"], train=False)["params"]
-    # The loop replaces params['encoder'] with the pretrained one after init; `after_update` therefore
+    variables = dict(model.init({"params": rng}, batch["image"], train=False))
+    # The loop replaces the encoder with the pretrained one after init; `after_update` therefore
     # overwrites this copy at the first step instead of averaging the random encoder in.
-    return params, ({"ema": params} if ema_decay is not None else {})
+    return variables, ({"ema": variables} if ema_decay is not None else {})
 
-  def loss_fn(params, method_state, batch, rng):
+  def loss_fn(variables, method_state, batch, rng):
     mix_rng, dropout_rng = jax.random.split(rng)
     images, targets = training_inputs(mix_rng, batch["image"], batch["label"], config.method)
-    logits, _ = model.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})
+    (logits, _), model_state = apply_train(model, variables, images, rngs={"dropout": dropout_rng})
     loss = soft_target_cross_entropy(logits, targets)
-    return loss, ({"loss": loss}, method_state)
+    return loss, ({"loss": loss}, method_state, model_state)
 
-  def after_update(params, method_state, step):
+  def after_update(variables, method_state, step):
     if ema_decay is None:
       return method_state
     decay = jnp.where(step == 0, 0.0, ema_decay)
-    return {"ema": ema_update(method_state["ema"], params, decay)}
+    return {"ema": ema_update(method_state["ema"], variables, decay)}
 
-  def logits_of(params, images):
-    return model.apply({"params": params}, images, train=False)
+  def logits_of(variables, images):
+    return model.apply(variables, images, train=False)[0]
 
-  def evaluate(params, method_state, batch):
+  def evaluate(variables, method_state, batch):
     mask = batch.get("mask", jnp.ones(batch["label"].shape, bool))
-    sums = classification_sums(logits_of(params, batch["image"])[0], batch["label"], mask)
+    sums = classification_sums(logits_of(variables, batch["image"]), batch["label"], mask)
     if "ema" in method_state:
-      ema_sums = classification_sums(logits_of(method_state["ema"], batch["image"])[0], batch["label"], mask)
+      ema_sums = classification_sums(logits_of(method_state["ema"], batch["image"]), batch["label"], mask)
       sums.update({f"ema_{name}": value for name, value in ema_sums.items() if name != "count"})
     return sums
 
-  return Method(name="finetune", num_views=1, init=init, loss_fn=loss_fn, after_update=after_update,
-                evaluate=evaluate)
+  if config.method.embed_from == "ema":
+    embed, encoder_variables = frozen_encoder(
+        model.encoder, lambda variables, method_state: subtree_variables(method_state["ema"], "encoder"))
+  else:
+    embed, encoder_variables = online_encoder(model.encoder)
+  return Method(name="finetune", num_views=1, init=init, loss_fn=loss_fn, embed=embed,
+                encoder_variables=encoder_variables, after_update=after_update, evaluate=evaluate)
 
 
-def finetune_config(pretrain: ml_collections.ConfigDict, *, num_classes: int, batch_size: int, num_epochs: int,
-                    base_lr: float, layer_decay: float, drop_path_rate: float, augmentation: str,
-                    warmup_epochs: float = 5.0) -> ml_collections.ConfigDict:
+def default_config() -> ml_collections.ConfigDict:
+  """``config.method`` of supervised training: MAE's fine-tuning regularisers (see `finetune_config`)."""
+  return ml_collections.ConfigDict(dict(
+      name="finetune", num_classes=placeholder(int), label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0,
+      mix_prob=1.0, switch_prob=0.5,
+      fc_norm=False,                # LayerNorm before the linear head (MAE's global pooling)
+      ema_decay=placeholder(float),  # e.g. 0.9999; None: no EMA
+      embed_from="online",          # the representation evaluations read: 'online' | 'ema'
+  ))
+
+
+def finetune_config(pretrain: ml_collections.ConfigDict, *, num_classes: int, batch_size: int,
+                    num_epochs: int, base_lr: float, layer_decay: float, drop_path_rate: float,
+                    augmentation: str, warmup_epochs: float = 5.0) -> ml_collections.ConfigDict:
   """A fine-tuning config for the encoder and data set of the pretraining config ``pretrain``.
 
   Model shape and data come from ``pretrain`` (so ``--config.init_from`` restores into the same shapes);
@@ -189,19 +216,21 @@ def finetune_config(pretrain: ml_collections.ConfigDict, *, num_classes: int, ba
   (always one of them, cutmix half the time), global average pooling, evaluation every epoch and the
   best state kept by top-1. Returned unlocked, for the caller to adjust and `config.finalize`.
   """
-  config = config_lib.pretrain_config()
+  config = config_lib.base_config()
   config.task = "finetune"
-  config.model = pretrain.model
-  config.model.update(dict(pooling="gap", drop_path_rate=drop_path_rate))
-  config.data = pretrain.data
+  # Copies: the pretraining config stays as it was. A mask token is a pretraining device; `init_from` lists it
+  # as ignored when the pretrained encoder has one.
+  config.model = copy.deepcopy(pretrain.model)
+  config.model.update(dict(pooling="mean", drop_path_rate=drop_path_rate))
+  if "mask_token" in config.model:
+    config.model.mask_token = False
+  config.data = copy.deepcopy(pretrain.data)
   config.data.augmentation = augmentation
-  config.method = ml_collections.ConfigDict(dict(
-      name="finetune", num_classes=num_classes, label_smoothing=0.1, mixup_alpha=0.8, cutmix_alpha=1.0,
-      mix_prob=1.0, switch_prob=0.5,
-      ema_decay=ml_collections.config_dict.placeholder(float),  # e.g. 0.9999; None: no EMA
-  ))
+  config.method = default_config()
+  config.method.update(dict(num_classes=num_classes, fc_norm=True))
   config.batch_size = batch_size
   config.num_epochs = num_epochs
+  # The default weight-decay rule (kernels only) is MAE's fine-tuning one: tokens and position tables exempt.
   config.optimizer.update(dict(base_lr=base_lr, b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=layer_decay))
   config.schedule.update(dict(warmup_epochs=warmup_epochs, min_lr=1e-6))
   config.eval.every_epochs = 1.0
@@ -214,16 +243,12 @@ def finetune_config(pretrain: ml_collections.ConfigDict, *, num_classes: int, ba
   return config
 
 
-_REQUIRED_METHOD_KEYS = ("num_classes", "label_smoothing", "mixup_alpha", "cutmix_alpha", "mix_prob",
-                         "switch_prob", "ema_decay")
+_EMBED_FROM = ("online", "ema")
 
 
-def validate_finetune_config(config) -> None:
+def validate_config(config) -> None:
   """Raises a ValueError naming the first bad fine-tuning key; cheap, runs before anything compiles."""
   mc = config.method
-  missing = [key for key in _REQUIRED_METHOD_KEYS if key not in mc]
-  if missing:
-    raise ValueError(f"config.method lacks {missing}; start from sslx.evaluate.finetune.finetune_config()")
   if not isinstance(mc.num_classes, int) or mc.num_classes < 2:
     raise ValueError(f"config.method.num_classes={mc.num_classes!r} must be an integer >= 2")
   if not 0.0 <= mc.label_smoothing < 1.0:
@@ -236,8 +261,10 @@ def validate_finetune_config(config) -> None:
       raise ValueError(f"config.method.{key}={mc[key]} is a probability: it must lie in [0, 1]")
   if mc.ema_decay is not None and not 0.0 < mc.ema_decay < 1.0:
     raise ValueError(f"config.method.ema_decay={mc.ema_decay} must lie in (0, 1) (or be None: no EMA)")
-  optim.validate_layer_decay(config.optimizer.get("layer_decay"))
-  if config.model.get("pooling", "cls") not in ("cls", "gap"):
-    raise ValueError(f"config.model.pooling={config.model.pooling!r} must be 'gap' (MAE) or 'cls'")
-  if not 0.0 <= config.model.get("drop_path_rate", 0.0) < 1.0:
-    raise ValueError(f"config.model.drop_path_rate={config.model.drop_path_rate} must lie in [0, 1)")
+  if mc.embed_from not in _EMBED_FROM:
+    raise ValueError(f"config.method.embed_from={mc.embed_from!r} is not one of {_EMBED_FROM}")
+  if mc.embed_from == "ema" and mc.ema_decay is None:
+    raise ValueError("config.method.embed_from='ema' needs config.method.ema_decay")
+  if config.optimizer.get("layer_decay") is not None and config.model.get("name", "vit") != "vit":
+    raise ValueError(f"config.optimizer.layer_decay={config.optimizer.layer_decay} needs a ViT's blocks; "
+                     f"config.model.name={config.model.name!r}")
