@@ -8,12 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-_NORM_EPS = 1e-12
-
-
-def l2_normalize(z: jax.Array) -> jax.Array:
-  z = jnp.asarray(z, jnp.float32)
-  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), _NORM_EPS)
+from sslx.numerics import NORM_EPS
+from sslx.numerics import l2_normalize
 
 
 def embedding_std(z: jax.Array, *, collapse_fraction: float = 0.1) -> dict:
@@ -40,7 +36,7 @@ def rankme(z: jax.Array, *, eps: float = 1e-7) -> jax.Array:
   over the ``min(N, D)`` singular values; it is ``r`` for a rank-``r`` matrix with equal singular values.
   """
   sigma = jnp.linalg.svd(jnp.asarray(z, jnp.float32), compute_uv=False)
-  p = sigma / jnp.maximum(jnp.sum(sigma), _NORM_EPS) + eps
+  p = sigma / jnp.maximum(jnp.sum(sigma), NORM_EPS) + eps
   return jnp.exp(-jnp.sum(p * jnp.log(p)))
 
 

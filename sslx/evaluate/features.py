@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sslx import parallel
+from sslx.numerics import pad_rows
 
 
 @functools.partial(jax.jit, static_argnames=("embed", "out_sharding"))
@@ -44,10 +45,6 @@ def _default_device_mesh() -> Mesh:
     raise ValueError(f"extract_features needs mesh= when running as one of {jax.process_count()} processes "
                      "(e.g. sslx.parallel.create_mesh(1)).")
   return Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1), parallel.DATA_AXES)
-
-
-def _pad_rows(x: np.ndarray, rows: int, fill=0) -> np.ndarray:
-  return np.concatenate([x, np.full((rows - len(x), *x.shape[1:]), fill, x.dtype)]) if rows > len(x) else x
 
 
 def extract_features(embed: Callable[..., Any], state: Any, batches: Iterable[dict], *,
@@ -98,8 +95,8 @@ def extract_features(embed: Callable[..., Any], state: Any, batches: Iterable[di
     example_ids = np.where(mask, (local_rows_seen + np.arange(size)) * process_count + process_index, -1)
     local_rows_seen += size
     padded = -(-size // num_local_devices) * num_local_devices
-    local = (_pad_rows(images, padded), _pad_rows(example_ids.astype(np.int32), padded, fill=-1),
-             _pad_rows(batch_labels.astype(np.int32), padded))
+    local = (pad_rows(images, padded), pad_rows(example_ids.astype(np.int32), padded, fill=-1),
+             pad_rows(batch_labels.astype(np.int32), padded))
     # Dispatch this batch before copying the previous result to the host, so the device keeps working
     # while the host waits and loads the next batch.
     current = _embed(state, *(jax.make_array_from_process_local_data(rows, x) for x in local),

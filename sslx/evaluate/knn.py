@@ -18,28 +18,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_NORM_EPS = 1e-12
+from sslx.numerics import l2_normalize
+from sslx.numerics import pad_rows
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), _NORM_EPS)
-
-
-def _pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
-  pad = -len(x) % multiple
-  return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+def _pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
+  return pad_rows(x, -(-len(x) // multiple) * multiple)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _search_chunked(bank: jax.Array, num_bank: jax.Array, queries: jax.Array, *, k: int):
   """bank ``(num_bank_chunks, bank_chunk, D)``, queries ``(num_query_chunks, query_chunk, D)``."""
-  bank = _l2_normalize(bank)
+  bank = l2_normalize(bank)
   bank_chunk = bank.shape[1]
   offsets = jnp.arange(bank.shape[0]) * bank_chunk
 
   def one_query_chunk(q):
-    q = _l2_normalize(q)
+    q = l2_normalize(q)
     init = (jnp.full((q.shape[0], k), -jnp.inf, jnp.float32), jnp.zeros((q.shape[0], k), jnp.int32))
 
     def merge(best, chunk_and_offset):
@@ -85,8 +80,8 @@ def knn_search(bank: np.ndarray, queries: np.ndarray, *, k: int, query_chunk: in
   num_query = len(queries)
   # Tiles larger than the data would only add padding.
   query_chunk, bank_chunk = min(query_chunk, max(num_query, 1)), min(bank_chunk, len(bank))
-  tiled_bank = _pad_rows(bank, bank_chunk).reshape(-1, bank_chunk, bank.shape[1])
-  tiled_queries = _pad_rows(queries, query_chunk).reshape(-1, query_chunk, queries.shape[1])
+  tiled_bank = _pad_to_multiple(bank, bank_chunk).reshape(-1, bank_chunk, bank.shape[1])
+  tiled_queries = _pad_to_multiple(queries, query_chunk).reshape(-1, query_chunk, queries.shape[1])
   sims, ids = _search_chunked(tiled_bank, jnp.int32(len(bank)), tiled_queries, k=k)
   return (np.asarray(sims).reshape(-1, k)[:num_query], np.asarray(ids).reshape(-1, k)[:num_query])
 
