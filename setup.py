@@ -29,6 +29,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
+            "hypothesis>=6",
             "torch==2.13.0",
             "transformers>=4.45",
             "scikit-learn>=1.5",

@@ -6,6 +6,8 @@ this module only calls them in order and checks what lies between sections.
 """
 from __future__ import annotations
 
+import os
+
 from sslx import config as config_lib
 from sslx import init_from
 from sslx import methods
@@ -14,16 +16,58 @@ from sslx import optim
 from sslx.data import pipeline
 
 
+class ConfigError(ValueError):
+  """A rejected run config or ``--workdir``: the one-line message names the ``config.`` key or the flag, and
+  is all a user needs to read (the command line prints it without a traceback)."""
+
+
+def validate_workdir(workdir) -> None:
+  """Raises a `ConfigError` naming ``--workdir`` unless it is, or can become, a folder of this run.
+
+  Checked first of all, so that an empty flag does not scatter checkpoints into the current directory and
+  a path through a file fails in one line instead of inside Orbax after the data has loaded. A URL
+  (``gs://...``) is left to the storage library.
+  """
+  if not isinstance(workdir, str) or not workdir.strip():
+    raise ConfigError(f"--workdir={workdir!r} is empty: name the folder for the run's checkpoints, metrics "
+                      "and pictures")
+  if "://" in workdir:
+    return
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = "is a file" if existing == path else f"lies under the file {existing}"
+    raise ConfigError(f"--workdir={workdir!r} {where}; it must be a folder (or a path where one can be made)")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir={workdir!r}: {existing} is not writable")
+
+
 def validate_run_config(config) -> None:
-  """Raises a ValueError naming the first bad key of a training run (pretraining or fine-tuning)."""
+  """Raises a `ConfigError` naming the first bad key of a training run (pretraining or fine-tuning).
+
+  The data section's values go first, since the encoder's and the method's checks read its image size and
+  channels; the method is then built (cheap: no parameters) to learn how many views it consumes; the data
+  itself is opened last (missing data raises FileNotFoundError).
+  """
+  try:
+    _validate_sections(config)
+  except ValueError as error:  # each section's module raises plain ValueErrors
+    raise ConfigError(str(error)) from error
+
+
+def _validate_sections(config) -> None:
   config_lib.validate_config(config)
   if config.method.name not in methods.known_methods():
     raise ValueError(f"config.method.name={config.method.name!r} is not one of {methods.known_methods()}")
+  pipeline.validate_data_values(config.data)
   models.validate_config(config.model, config.data.image_size)
   methods.validate_config(config)
-  pipeline.validate_data_config(config.data)
   optim.validate_optimizer_config(config)
   init_from.parse_mappings(config.init_from)
+  validate_views(config, methods.build_method(config).num_views)
+  pipeline.check_splits_exist(config.data)
 
 
 def validate_views(config, num_views: int) -> None:

@@ -6,6 +6,8 @@ Running the same command again resumes from the newest checkpoint in ``--workdir
 """
 from __future__ import annotations
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -20,13 +22,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _train(config, workdir: str) -> None:
-  from sslx import train  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  from sslx import results  # pylint: disable=g-import-not-at-top  (keeps --help fast)
+  from sslx import train  # pylint: disable=g-import-not-at-top
   state, _ = train.train(config, workdir)
-  if config.task == "pretrain" and config.eval.after_pretrain:
+  # A rerun of a finished run that was compared already keeps that comparison.
+  if config.task == "pretrain" and config.eval.after_pretrain and "after_pretrain" not in results.recorded(workdir):
     from sslx import methods  # pylint: disable=g-import-not-at-top
     from sslx.evaluate import run  # pylint: disable=g-import-not-at-top
     # The frozen representation does not depend on the run's length, so a nominal build reads it.
-    run.compare_with_baselines(config, workdir, methods.build_method(config), (state.variables, state.method_state))
+    rows = run.compare_with_baselines(config, workdir, methods.build_method(config),
+                                      (state.variables, state.method_state))
+    results.record(workdir, after_pretrain=rows)
 
 
 def _evaluate(config, workdir: str) -> None:
@@ -48,7 +54,25 @@ def main(argv) -> None:
   tasks = _tasks()
   if config.task not in tasks:
     raise app.UsageError(f"config.task={config.task!r} is not one of {sorted(tasks)}")
-  tasks[config.task](config, _WORKDIR.value)
+  from sslx import preemption  # pylint: disable=g-import-not-at-top
+  try:
+    tasks[config.task](config, _WORKDIR.value)
+  except preemption.Preempted as stop:
+    print(stop, flush=True)
+    sys.exit(stop.exit_code)
+  except _run_errors() as error:  # the message says it all; a traceback would bury it
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _run_errors() -> tuple[type[Exception], ...]:
+  """Errors of the run's surroundings (a held workdir, failing storage), not of sslx's code."""
+  from sslx import checkpoint  # pylint: disable=g-import-not-at-top
+  from sslx import checks  # pylint: disable=g-import-not-at-top
+  from sslx import run_lock  # pylint: disable=g-import-not-at-top
+  from sslx import train  # pylint: disable=g-import-not-at-top
+  return (checks.ConfigError, run_lock.WorkdirLockedError, checkpoint.CheckpointSaveError, checkpoint.CheckpointRestoreError,
+          train.NonFiniteLossError)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ All generators return fixed-size index sets so that shapes stay static under ``j
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -13,14 +15,38 @@ def uniform_noise(key: jax.Array, batch: int, num_patches: int) -> jax.Array:
   return jax.random.uniform(key, (batch, num_patches), jnp.float32)
 
 
+def _len_keep(num_patches: int, mask_ratio: float) -> int:
+  return int(num_patches * (1 - mask_ratio))
+
+
 def num_kept(num_patches: int, mask_ratio: float) -> int:
-  """Number of visible patches, ``int(L * (1 - mask_ratio))`` as in the reference MAE code."""
+  """Number of visible patches, ``int(L * (1 - mask_ratio))`` as in the reference MAE code.
+
+  Raises:
+    ValueError: the ratio is not in (0, 1), leaves no patch visible, or (below about 1e-16 L, where
+      ``1 - mask_ratio`` rounds to 1) masks none, which would leave the loss nothing to average over.
+  """
   if not 0.0 < mask_ratio < 1.0:
     raise ValueError(f"mask_ratio must lie strictly between 0 and 1, got {mask_ratio}.")
-  len_keep = int(num_patches * (1 - mask_ratio))
+  len_keep = _len_keep(num_patches, mask_ratio)
   if len_keep < 1:
     raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}.")
+  if len_keep >= num_patches:
+    raise ValueError(f"mask_ratio={mask_ratio} masks none of the {num_patches} patches.")
   return len_keep
+
+
+def max_mask_ratio(num_patches: int) -> float:
+  """The largest ratio `num_kept` accepts for ``num_patches`` patches: ``1 - 1/L`` up to float rounding."""
+  if num_patches < 2:
+    raise ValueError(f"{num_patches} patch(es) cannot be split into visible and masked ones.")
+  ratio = 1.0 - 1.0 / num_patches
+  # The product rounds either way, so the exact float boundary is a few steps from 1 - 1/L.
+  while _len_keep(num_patches, ratio) < 1:
+    ratio = math.nextafter(ratio, 0.0)
+  while _len_keep(num_patches, math.nextafter(ratio, 1.0)) >= 1:
+    ratio = math.nextafter(ratio, 1.0)
+  return ratio
 
 
 def random_masking(noise: jax.Array, mask_ratio: float):

@@ -31,16 +31,23 @@ class TensorBoardWriter:
   and ``--help`` stays fast.
   """
 
-  def __init__(self, logdir: str):
+  def __init__(self, logdir: str, *, purge_step: int | None = None):
+    """``purge_step``: TensorBoard hides the events of earlier files at this step and later (a resumed
+    run restarts there, so each step is shown once)."""
     import tensorboardX  # pylint: disable=g-import-not-at-top
 
     self._writer = tensorboardX.SummaryWriter(
-        logdir, flush_secs=_FLUSH_SECS, filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}")
+        logdir, flush_secs=_FLUSH_SECS, filename_suffix=f".{os.getpid()}.{next(_WRITER_IDS)}",
+        purge_step=purge_step)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     wall_time = time.time()
     for tag, value in scalars.items():
       self._writer.add_scalar(tag, float(value), step, walltime=wall_time)
+
+  def flush(self) -> None:
+    """Writes every queued event to disk now."""
+    self._writer.flush()
 
   def close(self) -> None:
     """Writes every queued event to disk and closes the file."""
@@ -50,8 +57,36 @@ class TensorBoardWriter:
 # --- JSONL and the progress line ---------------------------------------------------------------------
 
 
+def drop_rows_after(path: str, last_step: int) -> int:
+  """Rewrites the JSONL log at ``path`` without its rows past ``last_step``; returns how many went.
+
+  A run killed after its last checkpoint logged steps that its resumption trains again; their rows go, so
+  that the log holds each step once. A damaged last line (the kill came mid-write) goes with them.
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        dropped += 1
+        continue
+      if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+      else:
+        dropped += 1
+  if dropped:
+    partial = path + ".tmp"
+    with open(partial, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(partial, path)  # never a half-written log, whenever this process dies
+  return dropped
+
+
 class JsonlWriter:
-  """One JSON object per line: ``{"step": ..., "<name>": value, ...}``."""
+  """One JSON object per line: ``{"step": ..., "<name>": value, ...}``, appended to what is there."""
 
   def __init__(self, path: str):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

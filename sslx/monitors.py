@@ -13,7 +13,9 @@ running linear-probe estimate at no extra pass over the data (solo-learn's onlin
 the random initialisation): features of the first ``knn_train_examples`` training images and the first
 ``knn_test_examples`` held-out images (evaluation transform), then weighted kNN top-1 (DINO's, k =
 ``knn_k``), the online probe's held-out top-1, and the label-free diagnostics of
-`sslx.evaluate.diagnostics` (per-dimension std with a collapse warning, RankMe, uniformity).
+`sslx.evaluate.diagnostics` (per-dimension std with a collapse warning, RankMe, uniformity). Without an
+evaluation split (``config.data.eval_split`` None) only the diagnostics run, on the training subset; the
+online probe still trains when the training images have labels, but nothing scores it.
 
 **Held-out evaluation** for supervised bundles (`Method.evaluate`, e.g. fine-tuning), over the whole
 evaluation split every ``config.eval.every_epochs``.
@@ -106,8 +108,10 @@ class RepresentationMonitor:
   def _num_classes_from_labels(self) -> Optional[int]:
     """Largest label + 1 over the monitor's subsets; None for unlabelled data (label -1)."""
     config = self._config
-    labels = np.concatenate([self._labels(config.data.split, config.monitor.knn_train_examples),
-                             self._labels(config.data.eval_split, config.monitor.knn_test_examples)])
+    parts = [self._labels(config.data.split, config.monitor.knn_train_examples)]
+    if config.data.eval_split is not None:
+      parts.append(self._labels(config.data.eval_split, config.monitor.knn_test_examples))
+    labels = np.concatenate(parts)
     return int(labels.max()) + 1 if labels.size and labels.min() >= 0 else None
 
   def _labels(self, split: str, limit: int) -> np.ndarray:
@@ -124,13 +128,11 @@ class RepresentationMonitor:
     monitor = self._config.monitor
     state = (variables, method_state)
     train_x, train_y = self._features(state, self._config.data.split, monitor.knn_train_examples)
+    if self._config.data.eval_split is None:
+      # Nothing held out to score kNN or the probe on; the label-free diagnostics still watch for collapse.
+      return _diagnostics(train_x)
     test_x, test_y = self._features(state, self._config.data.eval_split, monitor.knn_test_examples)
-    summary = diagnostics.summary(test_x)
-    out = {f"diag/{name}": value for name, value in summary.items()}
-    if summary["collapsed"]:
-      logging.warning("Representation collapse: the per-dimension std of the normalised held-out features is "
-                      "%.2g (about 1/sqrt(D) = %.2g when spread out).", summary["std"],
-                      1 / np.sqrt(test_x.shape[1]))
+    out = _diagnostics(test_x)
     if self.num_classes:
       accuracy = knn.knn_accuracies(train_x, train_y, test_x, test_y, self.num_classes,
                                     ks=(monitor.knn_k,), temperature=self._config.eval.knn_temperature)
@@ -139,6 +141,16 @@ class RepresentationMonitor:
       predictions = np.asarray(probe_logits(jax.device_get(probe_params), test_x)).argmax(axis=1)
       out["monitor/probe_top1"] = 100 * float(np.mean(predictions == test_y))
     return out
+
+
+def _diagnostics(features: np.ndarray) -> dict[str, float]:
+  """`diagnostics.summary` as ``diag/<name>`` scalars, with a warning when the features collapsed."""
+  summary = diagnostics.summary(features)
+  if summary["collapsed"]:
+    logging.warning("Representation collapse: the per-dimension std of the normalised monitor features is "
+                    "%.2g (about 1/sqrt(D) = %.2g when spread out).", summary["std"],
+                    1 / np.sqrt(features.shape[1]))
+  return {f"diag/{name}": value for name, value in summary.items()}
 
 
 def make_held_out_evaluation(method, config, mesh, state_sharding) -> Optional[Callable[[Any], dict]]:

@@ -17,7 +17,6 @@ optimizer state; ``freeze_epochs`` parameters get zero updates for their first e
 from __future__ import annotations
 
 import functools
-import math
 import re
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax.core import meta
 
+from sslx import config as config_lib
 from sslx import schedules
 from sslx import trees
 from sslx.evaluate import finetune_ops
@@ -207,10 +207,6 @@ def validate_layer_decay(layer_decay: Optional[float]) -> None:
     raise ValueError(f"config.optimizer.layer_decay={layer_decay} must lie in (0, 1] (or be None: off)")
 
 
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _validate_pattern(key: str, pattern) -> None:
   if not isinstance(pattern, str):
     raise ValueError(f"config.optimizer.{key}: {pattern!r} is not a regular expression string")
@@ -230,7 +226,8 @@ def _validate_rules(key: str, rules) -> None:
   """``rules`` must be a sequence of ``(regex, number >= 0)`` pairs."""
   _validate_sequence(key, rules)
   for rule in rules:
-    if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and _is_number(rule[1]) and rule[1] >= 0):
+    is_pair = isinstance(rule, (list, tuple)) and len(rule) == 2
+    if not (is_pair and config_lib.is_number(rule[1]) and rule[1] >= 0):
       raise ValueError(f"config.optimizer.{key}: {rule!r} is not a (regex, number >= 0) pair")
     _validate_pattern(key, rule[0])
 
@@ -247,7 +244,7 @@ def validate_optimizer_config(config) -> None:
     value = _option(config, key)
     if value is None and key in _OPTIONAL:
       continue
-    if not _is_number(value) or not test(value):
+    if not config_lib.is_number(value) or not test(value):
       raise ValueError(f"config.optimizer.{key}={value!r} {what}")
   if not isinstance(_option(config, "nesterov"), bool):
     raise ValueError(f"config.optimizer.nesterov={_option(config, 'nesterov')!r} must be True or False")
@@ -259,7 +256,7 @@ def validate_optimizer_config(config) -> None:
   validate_layer_decay(_option(config, "layer_decay"))
   for key in ("warmup_epochs", "min_lr"):
     value = config.schedule.get(key)
-    if not _is_number(value) or value < 0:
+    if not config_lib.is_number(value) or value < 0:
       raise ValueError(f"config.schedule.{key}={value!r} must be a number >= 0")
 
 

@@ -6,6 +6,7 @@ nothing about any particular method: it only calls the `sslx.methods.Method` bun
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -26,6 +27,9 @@ from sslx import metrics as metrics_lib
 from sslx import monitors
 from sslx import optim
 from sslx import parallel
+from sslx import preemption
+from sslx import results as results_lib
+from sslx import run_lock
 from sslx import viz
 from sslx.data import device_augment as device_augment_lib
 from sslx.data import pipeline
@@ -61,12 +65,15 @@ def schedule_length(config, num_examples: int) -> tuple[int, int]:
 
 def make_train_step(method: Method, tx: optax.GradientTransformation, schedules: dict[str, Callable], *,
                     probe: Optional[monitors.OnlineProbe] = None,
-                    prepare_batch: Optional[Callable[[dict, jax.Array], dict]] = None):
+                    prepare_batch: Optional[Callable[[dict, jax.Array], dict]] = None,
+                    skip_non_finite: bool = False):
   """A pure ``(state, batch) -> (state, metrics)``; the per-step key is ``fold_in(state.rng, step)``.
 
   Gradients are taken with respect to ``params`` only; the other collections come back from the loss.
   ``prepare_batch(batch, key)`` runs first (augmentation on the device); ``probe`` trains the online
   linear probe on the variables the step started from. ``schedules`` (e.g. lr, weight decay) are logged.
+  With ``skip_non_finite``, a step whose loss or gradients are not finite changes nothing but the step
+  counter (so the next step draws a new batch and new keys) and reports ``nonfinite_skipped = 1``.
   """
   def train_step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -91,6 +98,11 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, schedules:
       metrics.update(probe_metrics)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state,
                               method_state=method_state, probe=probe_state)
+    if skip_non_finite:
+      finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+      kept = state.replace(step=state.step + 1)
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+      metrics["nonfinite_skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
   return train_step
 
@@ -124,7 +136,6 @@ class _Run:
   """State of one training run: everything the loop needs, set up before the first compilation."""
 
   def __init__(self, config, workdir: str):
-    checks.validate_run_config(config)
     self.config, self.workdir = config, workdir
     self.is_lead = jax.process_index() == 0
     self.mesh = parallel.create_mesh(config.parallel.fsdp)
@@ -134,7 +145,6 @@ class _Run:
         process_index=jax.process_index(), process_count=jax.process_count())
     self.steps_per_epoch, self.total_steps = schedule_length(config, self.loader.num_examples)
     self.method = build_method(config, RunLength(self.steps_per_epoch, self.total_steps))
-    checks.validate_views(config, self.method.num_views)
     self.tx, self.schedules = optim.build_optimizer(config, steps_per_epoch=self.steps_per_epoch,
                                                     total_steps=self.total_steps)
     self.monitor = None
@@ -144,10 +154,11 @@ class _Run:
     self.probe = monitors.make_online_probe(config, self.method.embed, num_classes)
     self.checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save)
+        async_save=config.checkpoint.async_save, cleanup_partial=self.is_lead)
     self.best = None
     if config.checkpoint.best_metric is not None:
-      self.best = checkpoint_lib.BestCheckpointer(os.path.join(workdir, "best"), config.checkpoint.best_metric)
+      self.best = checkpoint_lib.BestCheckpointer(os.path.join(workdir, "best"), config.checkpoint.best_metric,
+                                                  cleanup_partial=self.is_lead)
 
   def _init_fn(self, rng):
     return init_train_state(self.method, self.tx, rng, self.loader.image_shape, self.probe)
@@ -158,44 +169,104 @@ class _Run:
     abstract_boxed = jax.eval_shape(self._init_fn, rng)
     rules = parallel.logical_axis_rules(self.config.parallel.fsdp)
     self.state_sharding = parallel.shardings_from_logical(abstract_boxed, self.mesh, rules)
-    latest = self.checkpointer.latest_step()
-    if latest is None:
+    abstract = _abstract_with_shardings(abstract_boxed, self.state_sharding)
+    restored = self.checkpointer.restore_latest(
+        abstract, check_params=lambda step: self.checkpointer.check_params_match(step, abstract.params),
+        all_agree=preemption.all_processes, barrier=preemption.barrier, is_lead=self.is_lead, log=self.log)
+    if restored is None:
+      self._refuse_to_forget_moved_checkpoints()
       state = jax.jit(lambda r: nn.unbox(self._init_fn(r)), out_shardings=self.state_sharding)(rng)
       mappings = init_from.parse_mappings(self.config.init_from)
       if mappings:
         state = self._initialised_from(state, mappings)
       return state
-    abstract = _abstract_with_shardings(abstract_boxed, self.state_sharding)
-    self.checkpointer.check_params_match(latest, abstract.params)
-    state, data_state = self.checkpointer.restore(latest, abstract)
+    step, state, data_state = restored
     self.loader.set_state(data_state)
-    print(f"Resumed from {self.checkpointer.directory}/{latest}", flush=True)
+    self.log(f"Resumed from {self.checkpointer.directory}/{step}")
     return state
+
+  def _refuse_to_forget_moved_checkpoints(self) -> None:
+    """A fresh start beside checkpoints that were all moved aside as unreadable would silently drop the run."""
+    moved = sorted(glob.glob(os.path.join(self.checkpointer.directory, "*.corrupt*")))
+    if moved:
+      raise checkpoint_lib.CheckpointRestoreError(
+          f"{self.checkpointer.directory} holds no readable checkpoint, only ones moved aside as unreadable: "
+          f"{[os.path.basename(path) for path in moved]}; to start this run from scratch, delete them (or use "
+          "another --workdir)")
+
+  def check_saves(self, collective: bool) -> None:
+    """Raises `CheckpointSaveError` once a save failed; with ``collective`` on every process together, so
+    that none waits in the next save for a process that stopped."""
+    failure = None
+    try:
+      self.checkpointer.raise_if_save_failed()
+    except checkpoint_lib.CheckpointSaveError as error:
+      failure = error
+    if collective and not preemption.all_processes(failure is None):
+      failure = failure or checkpoint_lib.CheckpointSaveError(
+          f"another process failed to save a checkpoint in {self.checkpointer.directory}; see its output")
+    if failure is not None:
+      raise failure
+
+  def log(self, line: str) -> None:
+    if self.is_lead:
+      print(line, flush=True)
 
   def _initialised_from(self, state: TrainState, mappings) -> TrainState:
     """``state`` with the subtrees of other runs that ``config.init_from`` names; nothing else changes."""
     parts = {name: getattr(state, name) for name in init_from.STATE_PARTS}
     shardings = {name: getattr(self.state_sharding, name) for name in init_from.STATE_PARTS}
-    log = (lambda line: print(line, flush=True)) if self.is_lead else (lambda line: None)
-    return state.replace(**init_from.apply_mappings(parts, mappings, shardings, self.mesh, log=log))
+    return state.replace(**init_from.apply_mappings(parts, mappings, shardings, self.mesh, log=self.log))
 
 
-def _check_finite(step_metrics: list[tuple[int, dict]], checkpointer) -> None:
-  for step, values in step_metrics:
-    for name in ("loss", "grad_norm", "param_norm"):
-      if not math.isfinite(float(values[name])):
-        checkpointer.close()  # finish the saves in flight: they hold good states
-        kept = checkpointer.all_steps()
-        raise NonFiniteLossError(
-            f"{name} = {float(values[name])} at step {step}; stopping. Kept checkpoints: "
-            f"{kept or 'none'} in {checkpointer.directory} (the newest one is the last good state).")
+class _NonFiniteGuard:
+  """Reads the fetched step metrics under ``config.nan_policy``; raises `NonFiniteLossError` to stop.
+
+  'stop': the first non-finite loss, gradient norm or parameter norm stops the run. 'skip': the step
+  skipped that update (see `make_train_step`); the run stops after ``nan_max_skips`` skips in a row, or
+  when a parameter stopped being finite anyway.
+  """
+
+  def __init__(self, config, checkpointer):
+    self._skip = config.nan_policy == "skip"
+    self._max_skips = config.nan_max_skips
+    self._checkpointer = checkpointer
+    self._in_a_row = 0
+
+  def check(self, step_metrics: list[tuple[int, dict]]) -> None:
+    for step, values in step_metrics:
+      if self._skip and values["nonfinite_skipped"]:
+        self._in_a_row += 1
+        print(f"step {step}: loss {float(values['loss'])}, grad_norm {float(values['grad_norm'])}: update "
+              f"skipped ({self._in_a_row} in a row)", flush=True)
+        if self._in_a_row >= self._max_skips:
+          self._stop(f"{self._in_a_row} updates in a row were not finite (config.nan_max_skips="
+                     f"{self._max_skips}), the last at step {step}")
+        continue
+      self._in_a_row = 0
+      for name in ("loss", "grad_norm", "param_norm"):
+        if not math.isfinite(float(values[name])):
+          self._stop(f"{name} = {float(values[name])} at step {step}")
+
+  def _stop(self, what: str) -> None:
+    self._checkpointer.close()  # finish the saves in flight: they hold good states
+    kept = self._checkpointer.all_steps()
+    raise NonFiniteLossError(f"{what}; stopping. Kept checkpoints: {kept or 'none'} in "
+                             f"{self._checkpointer.directory} (the newest one is the last good state).")
 
 
 def _mean_metrics(step_metrics: list[tuple[int, dict]], schedule_names) -> dict[str, float]:
-  """Means over the steps since the last log; scheduled values (lr, weight decay) as of the last step."""
-  names = step_metrics[0][1].keys()
-  scalars = {name: float(np.mean([values[name] for _, values in step_metrics])) for name in names}
-  scalars.update({name: float(step_metrics[-1][1][name]) for name in schedule_names})
+  """Means over the steps since the last log; scheduled values (lr, weight decay) as of the last step.
+
+  Skipped (non-finite) steps count in ``nonfinite_skipped`` (their number) and in no mean, unless every
+  step was skipped.
+  """
+  values = [values for _, values in step_metrics]
+  kept = [row for row in values if not row.get("nonfinite_skipped")] or values
+  scalars = {name: float(np.mean([row[name] for row in kept])) for name in values[0]}
+  if "nonfinite_skipped" in values[0]:
+    scalars["nonfinite_skipped"] = float(sum(row["nonfinite_skipped"] for row in values))
+  scalars.update({name: float(values[-1][name]) for name in schedule_names})
   return scalars
 
 
@@ -204,22 +275,37 @@ def _every(period_steps: Optional[float], step: int, is_last: bool) -> bool:
 
 
 class _Logger:
-  """Progress line on every process; JSONL and TensorBoard from the lead only."""
+  """Progress line on every process; JSONL and TensorBoard from the lead only.
 
-  def __init__(self, run: _Run):
+  Starting at ``start_step`` (0 for a fresh run), rows a killed run logged past it are dropped from the
+  JSONL and hidden in TensorBoard: the resumed run logs those steps again.
+  """
+
+  def __init__(self, run: _Run, start_step: int):
     self._lead = run.is_lead
     self.progress = metrics_lib.ProgressLine(run.total_steps, run.config.batch_size)
     if self._lead:
-      os.makedirs(run.workdir, exist_ok=True)
       with open(os.path.join(run.workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(run.config.to_json_best_effort(indent=2))
-      self._jsonl = metrics_lib.JsonlWriter(os.path.join(run.workdir, "metrics.jsonl"))
-      self._tensorboard = metrics_lib.TensorBoardWriter(os.path.join(run.workdir, "tensorboard"))
+      jsonl = os.path.join(run.workdir, "metrics.jsonl")
+      # A fresh run logs its step-0 monitor report again, so it keeps no row at all.
+      dropped = metrics_lib.drop_rows_after(jsonl, start_step if start_step else -1)
+      if dropped:
+        print(f"metrics.jsonl: dropped {dropped} rows logged after step {start_step} by an earlier run",
+              flush=True)
+      self._jsonl = metrics_lib.JsonlWriter(jsonl)
+      self._tensorboard = metrics_lib.TensorBoardWriter(os.path.join(run.workdir, "tensorboard"),
+                                                        purge_step=start_step + 1 if start_step else 0)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if self._lead:
       self._jsonl.write(step, scalars)
       self._tensorboard.write_scalars(step, scalars)
+
+  def flush(self) -> None:
+    """Puts every event logged so far on disk: the events of the steps a checkpoint holds survive a kill."""
+    if self._lead:
+      self._tensorboard.flush()
 
   def close(self) -> None:
     self.progress.close()
@@ -232,13 +318,39 @@ def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
   """Runs (or resumes) a training run in ``workdir``; returns the final state and the last logged metrics.
 
   Pretraining and fine-tuning alike: the method bundle of ``config.method.name`` says what is trained.
+  SIGTERM, SIGINT and ``config.checkpoint.max_minutes`` end the run after the current step with a
+  checkpoint, raising `sslx.preemption.Preempted`; the same call resumes. A run that already reached its
+  last step changes nothing and returns its recorded results.
   """
-  run = _Run(config, workdir)
-  cfg = run.config
+  checks.validate_workdir(workdir)
+  checks.validate_run_config(config)
+  lock = run_lock.WorkdirLock(workdir)
+  locked = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except run_lock.WorkdirLockedError as error:
+      locked = error
+  if not preemption.all_processes(locked is None):
+    raise locked or run_lock.WorkdirLockedError(f"the lead process could not lock the workdir {workdir}")
+  try:
+    # One process reads its own flag at no cost, so it checks every step; several agree by a collective.
+    check_every = config.checkpoint.stop_check_every_steps if jax.process_count() > 1 else 1
+    with preemption.StopRequests(max_minutes=config.checkpoint.max_minutes, check_every_steps=check_every) as stops:
+      return _train(_Run(config, workdir), stops)
+  finally:
+    lock.release()
+
+
+def _train(run: _Run, stops: preemption.StopRequests) -> tuple[TrainState, dict[str, float]]:
+  cfg, workdir = run.config, run.workdir
   state = run.initial_state()
+  start_step = int(state.step)
+  if start_step >= run.total_steps:
+    return state, _finished_already(run, start_step)
   device_augment = device_augment_lib.build_device_augmentation(cfg.data)
   train_step = jax.jit(make_train_step(run.method, run.tx, run.schedules, probe=run.probe,
-                                       prepare_batch=device_augment),
+                                       prepare_batch=device_augment, skip_non_finite=cfg.nan_policy == "skip"),
                        in_shardings=(run.state_sharding, run.batch_sharding),
                        out_shardings=(run.state_sharding, parallel.replicated(run.mesh)),
                        donate_argnums=(0,))
@@ -249,18 +361,19 @@ def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
   visualize = None
   if run.method.visualize:
     visualize = jax.jit(run.method.visualize, out_shardings=parallel.replicated(run.mesh))
-    viz_batch = _viz_batch(cfg)
+    viz_batch = pipeline.make_viz_batch(cfg.data, cfg.viz_num_images)
 
-  logger = _Logger(run)
-  print(f"{cfg.method.name} | {cfg.model.name} {cfg.model.get('variant', '')} | {jax.device_count()} {jax.default_backend()} device(s) | "
-        f"{run.steps_per_epoch} steps/epoch | {run.total_steps} steps | workdir {os.path.abspath(workdir)}",
-        flush=True)
-  start_step = int(state.step)
+  logger = _Logger(run, start_step)
+  run.log(f"{cfg.method.name} | {cfg.model.name} {cfg.model.get('variant', '')} | {jax.device_count()} "
+          f"{jax.default_backend()} device(s) | {run.steps_per_epoch} steps/epoch | {run.total_steps} steps | "
+          f"workdir {os.path.abspath(workdir)}")
   if run.monitor is not None and start_step == 0:
     logger.write(0, {name: value for name, value in _evaluate(run, state, 0, None, True).items()
                      if name != "seconds"})
 
   batches = prefetch.DevicePrefetcher(run.loader, lambda batch: parallel.global_batch(batch, run.batch_sharding))
+  guard = _NonFiniteGuard(cfg, run.checkpointer)
+  single_process = jax.process_count() == 1
   pending: list[tuple[int, Any]] = []
   last_scalars: dict[str, float] = {}
   first_step_start = time.time()
@@ -268,19 +381,25 @@ def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
     state, step_metrics = train_step(state, next(batches))
     pending.append((step, step_metrics))
     is_last = step == run.total_steps
-    log_now = step % cfg.log_every_steps == 0 or is_last or step == start_step + 1
-    save_now = step % cfg.checkpoint.every_steps == 0 or is_last
+    stop = None if is_last else stops.agreed_stop(step)
+    log_now = step % cfg.log_every_steps == 0 or is_last or step == start_step + 1 or stop is not None
+    save_now = step % cfg.checkpoint.every_steps == 0 or is_last or stop is not None
+    # One process sees its own failed save at once; several agree on it before the next save.
+    if single_process or save_now:
+      run.check_saves(collective=not single_process)
     if log_now or save_now:
       fetched = jax.device_get(pending)
-      _check_finite(fetched, run.checkpointer)
+      guard.check(fetched)
       pending.clear()
-    evaluated = _evaluate(run, state, step, held_out if _every(eval_period, step, is_last) else None,
-                          run.monitor is not None and _every(monitor_period, step, is_last))
+    evaluated = {}
+    if stop is None:
+      evaluated = _evaluate(run, state, step, held_out if _every(eval_period, step, is_last) else None,
+                            run.monitor is not None and _every(monitor_period, step, is_last))
     logger.progress.exclude(evaluated.pop("seconds", 0.0))
     if log_now:
       last_scalars = _mean_metrics(fetched, run.schedules)
       if step == start_step + 1:
-        print(f"first step (with compilation) took {time.time() - first_step_start:.1f}s", flush=True)
+        run.log(f"first step (with compilation) took {time.time() - first_step_start:.1f}s")
       images_per_s = logger.progress.report(step, {k: last_scalars[k] for k in ("loss", "lr")})
       if math.isfinite(images_per_s):
         last_scalars["images_per_s"] = images_per_s
@@ -289,7 +408,10 @@ def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
     if log_now or evaluated:
       logger.write(step, last_scalars if log_now else evaluated)
     if save_now:
+      logger.flush()
       run.checkpointer.save(step, state, batches.get_state())
+    if stop is not None:
+      _stop_early(run, [batches, logger], step, stop)
     if visualize is not None and (step % cfg.viz_every_steps == 0 or is_last):
       jax.block_until_ready(state)
       viz_start = time.time()
@@ -302,14 +424,45 @@ def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
       logger.progress.exclude(time.time() - viz_start)
   batches.close()
   logger.close()
+  _close_checkpointers(run)
+  if run.is_lead:
+    _write_results(run, last_scalars)
+  run.log(f"done: step {int(state.step)} | loss {last_scalars.get('loss', float('nan')):.4f} | "
+          f"checkpoints in {run.checkpointer.directory}")
+  return state, last_scalars
+
+
+def _close_checkpointers(run: _Run) -> None:
   run.checkpointer.close()
   if run.best is not None:
     run.best.close()
-  if run.is_lead:
-    _write_results(run, last_scalars)
-    print(f"done: step {int(state.step)} | loss {last_scalars.get('loss', float('nan')):.4f} | "
-          f"checkpoints in {run.checkpointer.directory}", flush=True)
-  return state, last_scalars
+
+
+def _stop_early(run: _Run, closables, step: int, stop: tuple[str, int]) -> None:
+  """Waits for the checkpoint of ``step`` to be on disk, closes everything and raises `Preempted`."""
+  reason, exit_code = stop
+  for closable in closables:
+    closable.close()
+  _close_checkpointers(run)
+  raise preemption.Preempted(
+      f"stopped by {reason} after step {step}/{run.total_steps}: checkpoint {run.checkpointer.directory}/"
+      f"{step}; run the same command to resume", exit_code)
+
+
+def _finished_already(run: _Run, step: int) -> dict[str, float]:
+  """A rerun of a finished run: says so, and leaves (or, if the run died before writing it, writes)
+  results.json; returns the last logged metrics."""
+  _close_checkpointers(run)
+  path = os.path.join(run.workdir, "results.json")
+  last = results_lib.logged_metrics_at(os.path.join(run.workdir, "metrics.jsonl"), step)
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      last = json.load(f).get("last") or last
+  elif run.is_lead:
+    _write_results(run, last)
+  run.log(f"already finished: step {step}/{run.total_steps} in {run.checkpointer.directory}; results in "
+          f"{path} (raise config.total_steps or config.num_epochs to train on)")
+  return last
 
 
 def _evaluate(run: _Run, state: TrainState, step: int, held_out: Optional[Callable[[TrainState], dict]],
@@ -336,12 +489,4 @@ def _write_results(run: _Run, last_scalars: dict[str, float]) -> None:
   results = {"task": run.config.task, "init_from": run.config.init_from, "last": last_scalars}
   if run.best is not None:
     results["best"] = run.best.summary()
-  with open(os.path.join(run.workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-
-
-def _viz_batch(config) -> dict:
-  """A fixed set of held-out images, so successive pictures show the same examples."""
-  loader = pipeline.make_eval_loader(config.data, split=config.data.eval_split, batch_size=config.viz_num_images)
-  batch = next(iter(loader))
-  return {"image": jnp.asarray(batch["image"]), "label": jnp.asarray(batch["label"])}
+  results_lib.write_json(os.path.join(run.workdir, results_lib.RESULTS), results)

@@ -101,6 +101,26 @@ def test_worker_processes_give_the_same_batches_and_reports(config, caplog):
   assert reports == reference_reports and len(reports) == 2 and loader.num_bad_files == 2
 
 
+def test_processes_report_each_bad_file_under_its_own_epoch(config, data_dir, caplog):
+  """Two processes split each batch of 8 into two blocks of 4 rows; together they report every bad file once
+  per epoch, however the blocks fall across the epoch ends."""
+  reported = {}  # epoch -> bad files reported for it by either process
+  for process_index in range(2):
+    caplog.clear()
+    loader = pipeline.make_train_loader(config, global_batch_size=BATCH, seed=0, process_index=process_index,
+                                        process_count=2)
+    try:
+      for _ in range(8):
+        next(loader)
+    finally:
+      loader.close()
+    for report in epoch_reports(caplog):
+      epoch = int(report.split()[1])
+      reported.setdefault(epoch, []).extend(path for path in bad_paths(data_dir, "train") if f"{path}: " in report)
+  assert {epoch: sorted(paths) for epoch, paths in reported.items()} == {
+      epoch: bad_paths(data_dir, "train") for epoch in (1, 2, 3)}
+
+
 def test_resume_is_exact_and_reports_the_rest_of_the_epoch(config, data_dir, caplog):
   _, reference, reference_reports = run_epochs(config, 8, caplog)
   caplog.clear()

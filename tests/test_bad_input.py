@@ -9,6 +9,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from sslx import checks
+from sslx import config as config_lib
+from sslx import recipes
 from sslx import train
 from train_helpers import tiny_run_config
 
@@ -42,6 +45,76 @@ def test_mask_ratio_outside_the_open_unit_interval(tmp_path, monkeypatch, ratio)
   _never_compile(monkeypatch)
   with pytest.raises(ValueError, match="config.method.mask_ratio"):
     train.train(tiny_run_config(**{"method.mask_ratio": ratio}), str(tmp_path))
+
+
+def test_mask_ratio_that_leaves_no_visible_patch_names_the_largest_allowed(tmp_path, monkeypatch):
+  _never_compile(monkeypatch)
+  patch_4 = {"model.variant": "Ti/4"}  # 28x28 images: 49 patches, 1 visible below 1 - 1/49
+  with pytest.raises(ValueError, match=r"config.method.mask_ratio=0.99 leaves no visible patch of the 49 "
+                                       r"patches .*largest ratio allowed is 0.9795918367346939 "
+                                       r"\(1 - 1/49\)$"):
+    train.train(tiny_run_config(**patch_4, **{"method.mask_ratio": 0.99}), str(tmp_path))
+  checks.validate_run_config(tiny_run_config(**patch_4, **{"method.mask_ratio": 0.9795918367346939}))
+  with pytest.raises(ValueError, match=r"config.method.mask_ratio=1e-17 masks none of the 49 patches"):
+    checks.validate_run_config(tiny_run_config(**patch_4, **{"method.mask_ratio": 1e-17}))
+
+
+def _notes(root):
+  path = root / "notes.txt"
+  path.write_text("not a folder")
+  return path
+
+
+@pytest.mark.parametrize("make_workdir, message", [
+    (lambda root: "", r"^--workdir='' is empty"),
+    (lambda root: "  ", r"^--workdir='  ' is empty"),
+    (lambda root: str(_notes(root)), r"notes.txt' is a file; it must be a folder"),
+    (lambda root: str(_notes(root) / "run"), r"notes.txt/run' lies under the file .*notes.txt;"),
+])
+def test_bad_workdir_is_named_before_anything_is_made(tmp_path, monkeypatch, make_workdir, message):
+  monkeypatch.chdir(tmp_path)
+  _never_compile(monkeypatch)
+  workdir = make_workdir(tmp_path)
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(ValueError, match=message):
+    checks.validate_workdir(workdir)
+  with pytest.raises(ValueError, match=message):
+    train.train(tiny_run_config(), workdir)
+  assert sorted(os.listdir(tmp_path)) == before
+  checks.validate_workdir(str(tmp_path / "new" / "run"))  # a folder that can be made is fine, and not made
+  assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_empty_workdir_on_the_command_line_is_one_line_and_makes_nothing(tmp_path):
+  # Needs sslx.main to print a checks.ConfigError as one line (no traceback).
+  config = os.path.join(REPO, "configs", "mae_fashion_mnist.py")
+  result = subprocess.run([sys.executable, "-m", "sslx.main", f"--config={config}:test", "--workdir="],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode != 0 and len(lines) == 1, result.stderr
+  assert "--workdir='' is empty" in lines[0]
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"eval.every_epochs": 1.0}, r"config.eval.every_epochs=1.0 need\(s\) a held-out split"),
+    ({"eval.after_pretrain": True}, r"config.eval.after_pretrain=True need\(s\) a held-out split"),
+    ({"checkpoint.best_metric": "eval/top1"}, r"config.checkpoint.best_metric='eval/top1' need\(s\) a"),
+])
+def test_held_out_settings_need_an_eval_split(tmp_path, monkeypatch, overrides, named):
+  _never_compile(monkeypatch)
+  with pytest.raises(ValueError, match=named + ".*config.data.eval_split is None"):
+    train.train(tiny_run_config(**{"data.eval_split": None, **overrides}), str(tmp_path))
+
+
+def test_supervised_recipe_without_eval_split_names_both_of_its_held_out_keys(tmp_path, monkeypatch):
+  _never_compile(monkeypatch)
+  config = recipes.supervised_resnet_fashion_mnist()
+  config.data.eval_split = None
+  with pytest.raises(ValueError, match=r"config.eval.every_epochs=1.0, config.checkpoint.best_metric="
+                                       r"'eval/top1' need\(s\) a held-out split"):
+    train.train(config_lib.finalize(config), str(tmp_path))
 
 
 def test_image_size_not_divisible_by_patch(tmp_path, monkeypatch):

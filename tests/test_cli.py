@@ -119,6 +119,14 @@ def test_none_clears_every_kind_of_placeholder(program):
   assert config["model"]["width"] is None
 
 
+def test_eval_split_of_a_real_config_can_be_none(program):
+  # Its default is a string, so without a FieldReference config_flags would store the string 'None'.
+  result = program("--config.data.eval_split=None",
+                   config=os.path.join(_REPO, "configs", "mae_fashion_mnist.py") + ":test")
+  assert result.returncode == 0, result.stderr
+  assert json.loads(result.stdout)["data"]["eval_split"] is None
+
+
 def test_last_override_of_a_key_wins(program):
   result = program("--config.total_steps=None", "--config.total_steps=3", "--config.model.width=4",
                    "--config.model.width=None")

@@ -1,12 +1,11 @@
 """Feature extraction and kNN over several processes and devices agree with one process on one device.
 
 The multi-process test starts two real JAX processes on this machine (CPU collectives over gloo, two
-CPU devices each) by running this file as a script: ``python tests/test_multiprocess_eval.py PID PORT
-OUTDIR``.
+CPU devices each) by running this file as a script, ``python tests/test_multiprocess_eval.py OUTDIR``,
+with the cluster's environment of ``multiprocess_helpers.start_processes``.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from unittest import mock
@@ -14,11 +13,10 @@ from unittest import mock
 import jax
 import numpy as np
 
+from multiprocess_helpers import NUM_PROCESSES, REPO, cpu_env, logs_of_successful, start_processes, wait_for
+from sslx import parallel
 from sslx import recipes
 from sslx.evaluate import run
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_PROCESSES = 2
 
 
 def tiny_knn_config():
@@ -46,30 +44,11 @@ def evaluate_recording_features(config, workdir):
     return run.evaluate(config, workdir), extracted
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _env(**extra):
-  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **extra)
-
-
 def test_two_processes_get_the_single_process_features_and_knn_accuracy(tmp_path):
-  port = _free_port()
-  workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), str(i), str(port), str(tmp_path)],
-                              cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
-             for i in range(NUM_PROCESSES)]
-  try:
+  with start_processes(lambda process_id: [sys.executable, os.path.abspath(__file__), str(tmp_path)],
+                       logs_dir=tmp_path) as workers:
     expected_results, expected = evaluate_recording_features(tiny_knn_config(), str(tmp_path / "single"))
-    logs = [worker.communicate(timeout=300)[0] for worker in workers]
-  finally:
-    for worker in workers:
-      worker.kill()
-  for worker, log in zip(workers, logs, strict=True):
-    assert worker.returncode == 0, log[-3000:]
+    logs = logs_of_successful(wait_for(workers))
 
   assert len(expected["train"][0]) == 1152 and len(expected["test"][0]) == 10_000
   for i in range(NUM_PROCESSES):
@@ -111,19 +90,18 @@ print("eight devices match one")
 
 
 def test_extraction_on_eight_devices_matches_one_device():
-  env = _env(XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
-  result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES_SCRIPT], env=env, cwd=REPO,
+  result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES_SCRIPT], env=cpu_env(num_devices=8), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "eight devices match one" in result.stdout
 
 
 if __name__ == "__main__":
-  process_id, port, outdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+  outdir = sys.argv[1]
   jax.config.update("jax_num_cpu_devices", 2)
-  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=NUM_PROCESSES,
-                             process_id=process_id)
-  assert jax.device_count() == 2 * NUM_PROCESSES and jax.process_index() == process_id
+  parallel.maybe_initialize_distributed()
+  process_id = jax.process_index()
+  assert jax.device_count() == 2 * NUM_PROCESSES and process_id == int(os.environ["JAX_PROCESS_ID"])
   worker_results, worker_features = evaluate_recording_features(
       tiny_knn_config(), os.path.join(outdir, f"eval_{process_id}"))
   np.savez(os.path.join(outdir, f"features_{process_id}.npz"),

@@ -97,11 +97,12 @@ def test_process_shards_are_disjoint_and_make_the_global_batch(config, process_c
     parts = [shard[step] for shard in shards]
     labels = np.concatenate([part["label"] for part in parts])
     assert len(set(labels.tolist())) == global_batch  # disjoint
-    # Process p holds rows p, p + n, ... of the single-process batch: same examples, same pixels.
+    # Process p holds the p-th block of rows of the single-process batch: same examples, same pixels.
+    local = global_batch // process_count
     for p, part in enumerate(parts):
-      assert part["image"].shape[0] == global_batch // process_count
+      assert part["image"].shape[0] == local
       for key in ("image", "label"):
-        np.testing.assert_array_equal(part[key], whole[key][p::process_count])
+        np.testing.assert_array_equal(part[key], whole[key][p * local:(p + 1) * local])
   first_epoch = np.concatenate([s[step]["label"] for s in shards for step in range(5)])
   np.testing.assert_array_equal(np.sort(first_epoch), np.arange(NUM_TRAIN))  # covering
 

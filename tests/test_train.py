@@ -77,6 +77,31 @@ def test_resume_after_kill_continues_exactly(tmp_path):
   train.train(tiny_run_config(), str(killed))
   resumed = logged_losses(killed)
   assert [resumed[step] for step in (5, 6)] == [expected[step] for step in (5, 6)]
+  # Rows the killed run logged past step 4 were dropped: each step is in the log once.
+  with open(killed / "metrics.jsonl", encoding="utf-8") as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert len(steps) == len(set(steps)) and set(steps) >= set(range(1, 7))
+  assert _tensorboard_steps(killed / "tensorboard", "loss") == list(range(1, 7))
+
+
+def _tensorboard_steps(logdir, tag):
+  """The steps TensorBoard shows for ``tag``, after it applied the purges of resumed runs."""
+  from tensorboard.backend.event_processing import event_multiplexer  # pylint: disable=g-import-not-at-top
+  multiplexer = event_multiplexer.EventMultiplexer({"run": str(logdir)}, purge_orphaned_data=True)
+  multiplexer.Reload()
+  return [event.step for event in multiplexer.Scalars("run", tag)]
+
+
+def test_rerunning_a_finished_run_keeps_its_results(tmp_path, capsys):
+  _, last = train.train(tiny_run_config(total_steps=2), str(tmp_path))
+  with open(tmp_path / "results.json", encoding="utf-8") as f:
+    written = f.read()
+  assert json.loads(written)["last"]["loss"] == last["loss"]
+  state, again = train.train(tiny_run_config(total_steps=2), str(tmp_path))
+  assert "already finished: step 2/2" in capsys.readouterr().out
+  assert int(state.step) == 2 and again == last
+  with open(tmp_path / "results.json", encoding="utf-8") as f:
+    assert f.read() == written
 
 
 @pytest.mark.parametrize("fsdp", [1, 4])

@@ -38,11 +38,19 @@ def logged_losses(workdir):
 
 if __name__ == "__main__":
   # python tests/train_helpers.py WORKDIR PARAMS_NPZ [key=value ...]: trains and dumps the final params.
+  # Run with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set, it is one process of several.
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from sslx import parallel  # pylint: disable=g-import-not-at-top
   from sslx import train  # pylint: disable=g-import-not-at-top
+  parallel.maybe_initialize_distributed()
   workdir, params_path, *pairs = sys.argv[1:]
   overrides = {key: json.loads(value) for key, value in (pair.split("=", 1) for pair in pairs)}
-  state, _ = train.train(tiny_run_config(**overrides), workdir)
+  from sslx import preemption  # pylint: disable=g-import-not-at-top
+  try:
+    state, _ = train.train(tiny_run_config(**overrides), workdir)
+  except preemption.Preempted as stop:  # as `python -m sslx.main` ends
+    print(stop, flush=True)
+    sys.exit(stop.exit_code)
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
   np.savez(params_path, **{jax.tree_util.keystr(path): leaf for path, leaf in leaves})

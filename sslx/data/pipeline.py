@@ -3,7 +3,7 @@
 Training is one index-addressable ``grain.MapDataset``::
 
   SkipBadExamples(source) -> seed -> shuffle -> repeat -> random_map(views)
-         -> [process_index::process_count] -> batch -> map(normalize)
+         -> batch(global batch / process_count) -> [process_index::process_count] -> map(normalize)
 
 ``views.py`` says what a batch holds (one 'image', or the views a method asks for) and how the
 augmentations come from the config. With ``config.data.augment_on='device'`` ``random_map`` runs
@@ -16,9 +16,14 @@ So batch ``k`` is a pure function of (config, seed, k), which gives:
 
 - resuming: the loader's state is just the number of batches it has yielded;
 - worker independence: ``num_workers`` changes speed, never content;
-- host independence: process ``p`` takes the stream positions ``p, p + n, p + 2n, ...``, so the
-  ``n`` local batches of step ``k`` together hold exactly the global batch ``k`` of a single
-  process loader (same examples, same augmentations, rows interleaved). Processes read disjoint
+- host independence: of the ``G`` stream positions of global batch ``k``, process ``p`` of ``n``
+  takes the block ``k * G + p * G / n, ...`` up to the next process's, so the ``n`` local batches of
+  step ``k``, stacked in process order, are exactly the global batch ``k`` of a single process loader
+  (same examples, same augmentations, same rows). Rows keep their places because methods draw random
+  numbers per row of the global batch (MAE's masks, device augmentation), so a run gives the same
+  steps on any number of processes. ``jax.make_array_from_process_local_data`` stacks the local
+  batches in process order when the mesh lists each process's devices together, as ``jax.make_mesh``
+  does on CPU and GPU; on other meshes the rows are only permuted. Processes read disjoint
   examples at every step; each needs random access to the whole split, as TFDS array_record gives.
 
 A file that cannot be decoded never stops a run. In training it is replaced by the next good
@@ -45,6 +50,8 @@ from sslx.data import transforms
 from sslx.data import views
 
 DEFAULT_EVAL_CROP_FRACTION = 0.875
+# More grain worker processes than any host has cores would only fight over them (and each one forks).
+MAX_WORKERS = 1024
 
 
 def default_data_config(**overrides) -> ml_collections.ConfigDict:
@@ -129,8 +136,8 @@ class TrainLoader:
     """Files the bad files of batch ``index`` under their epochs; reports the epochs it ends."""
     global_batch_size = self._identity["global_batch_size"]
     for row in np.flatnonzero(paths != ""):
-      # Row j of this process's batch k is position k * G + p + j * P of the global stream.
-      position = index * global_batch_size + self._process_index + row * self._process_count
+      # Row j of this process's batch k is position k * G + p * L + j of the global stream.
+      position = index * global_batch_size + self._process_index * self.local_batch_size + row
       path, error = str(paths[row]), str(errors[row])
       self._unreported.setdefault(position // self.num_examples, {})[path] = error
       self.bad_files[path] = error
@@ -223,7 +230,7 @@ def make_train_loader(data_config, *, global_batch_size: int, seed: int, process
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} must be positive and divisible by "
                      f"process_count={process_count}")
-  if not _is_int(seed) or seed < 0:
+  if not config_lib.is_int(seed) or seed < 0:
     raise ValueError(f"seed must be a non-negative int; got {seed!r}")
   augmentations = _build_train_views(data_config)
   source = sources.SkipBadExamples(sources.make_source(data_config, data_config.split))
@@ -232,7 +239,8 @@ def make_train_loader(data_config, *, global_batch_size: int, seed: int, process
   dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   dataset = dataset.random_map(views.TrainViews(tuple(augmentations.items()),
                                                 split_rng=data_config.get("views") is not None))
-  dataset = dataset[process_index::process_count].batch(local_batch_size, drop_remainder=True)
+  # Slicing whole local batches (not examples) keeps each process's rows a contiguous block of the global batch.
+  dataset = dataset.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
   on_device = data_config.get("augment_on", "host") == "device"
   keys_to_normalize = () if on_device else views.keys_to_normalize(augmentations)
   dataset = dataset.map(views.ToModelInput(tuple(data_config.mean), tuple(data_config.std),
@@ -280,6 +288,17 @@ def make_eval_loader(data_config, *, split: str, batch_size: int, process_index:
                     num_workers=data_config.num_workers, prefetch=data_config.prefetch)
 
 
+def make_viz_batch(data_config, num_images: int) -> dict[str, np.ndarray]:
+  """The first ``num_images`` images (and labels) the pictures show, the same at every step.
+
+  They come from the evaluation split, or from the training split when ``config.data.eval_split`` is None;
+  either way with the evaluation transform (no augmentation), so successive pictures compare alike.
+  """
+  split = data_config.split if data_config.eval_split is None else data_config.eval_split
+  batch = next(iter(make_eval_loader(data_config, split=split, batch_size=num_images)))
+  return {"image": batch["image"], "label": batch["label"]}
+
+
 def validate_data_config(data_config) -> None:
   """Fails fast, naming the offending ``config.data`` key or missing path, before training starts.
 
@@ -288,12 +307,33 @@ def validate_data_config(data_config) -> None:
       and run once on a small image).
     FileNotFoundError: the data for ``split`` or ``eval_split`` is not where the config says.
   """
+  validate_data_values(data_config)
+  check_splits_exist(data_config)
+
+
+def validate_data_values(data_config) -> None:
+  """The part of `validate_data_config` that never touches the data: every key's value, every spec."""
   _check_values(data_config)
   _build_train_views(data_config)
   device_augment.build_device_augmentation(data_config)
+
+
+def check_splits_exist(data_config) -> None:
+  """Opens the source of ``split`` and of ``eval_split`` (unless None) once, so that missing data fails now.
+
+  Raises:
+    ValueError: naming ``config.data.split`` / ``eval_split`` when the source refuses the split.
+    FileNotFoundError: the data is not where the config says.
+  """
   for key in ("split", "eval_split"):
-    if data_config[key] is not None:
+    if data_config[key] is None:
+      continue
+    try:
       sources.make_source(data_config, data_config[key])
+    except ValueError as error:
+      if "config." in str(error):
+        raise
+      raise ValueError(f"config.data.{key}={data_config[key]!r}: {error}") from None
 
 
 def _build_train_views(data_config) -> dict[str, transforms.Augmentation]:
@@ -318,8 +358,15 @@ def _check_values(c) -> None:
       raise ValueError(f"config.data.augment.{key} is missing")
   _require(c.source in sources.KNOWN_SOURCES, "source", c.source,
            f"one of {sources.KNOWN_SOURCES}")
-  _require(_is_int(c.image_size) and c.image_size > 0, "image_size", c.image_size, "an int > 0")
-  _require(c.channels in (1, 3), "channels", c.channels, "1 or 3")
+  _require(_is_name(c.dataset), "dataset", c.dataset, "a non-empty string")
+  _require(c.data_dir is None or isinstance(c.data_dir, str), "data_dir", c.data_dir,
+           "None (the source's default place) or a path")
+  _require(_is_name(c.split), "split", c.split, "a non-empty string, e.g. 'train'")
+  _require(c.eval_split is None or _is_name(c.eval_split), "eval_split", c.eval_split,
+           "a non-empty string, or None (no held-out split)")
+  _require(_is_size(c.image_size), "image_size", c.image_size,
+           f"an int in [1, {transforms.MAX_SIZE}]")
+  _require(config_lib.is_int(c.channels) and c.channels in (1, 3), "channels", c.channels, "1 or 3")
   _require(_is_numbers(c.mean, c.channels, lambda v: 0 <= v <= 1), "mean", c.mean,
            f"{c.channels} value(s) in [0, 1] (pixels are scaled to [0, 1] first)")
   _require(_is_numbers(c.std, c.channels, lambda v: v > 0), "std", c.std,
@@ -332,17 +379,26 @@ def _check_values(c) -> None:
   _require(c.augment.interpolation in transforms.INTERPOLATIONS, "augment.interpolation",
            c.augment.interpolation, f"one of {tuple(transforms.INTERPOLATIONS)}")
   _require(isinstance(c.augment.hflip, bool), "augment.hflip", c.augment.hflip, "a bool")
-  _require(_is_int(c.num_workers) and c.num_workers >= 0, "num_workers", c.num_workers,
-           "an int >= 0 (0 reads in this process)")
-  _require(_is_int(c.prefetch) and c.prefetch >= 1, "prefetch", c.prefetch, "an int >= 1")
+  _require(config_lib.is_int(c.num_workers) and 0 <= c.num_workers <= MAX_WORKERS, "num_workers",
+           c.num_workers, f"an int in [0, {MAX_WORKERS}] (0 reads in this process)")
+  _require(config_lib.is_int(c.prefetch) and 1 <= c.prefetch < config_lib.INT32_LIMIT, "prefetch", c.prefetch,
+           "an int >= 1")
   _require(c.get("augment_on", "host") in device_augment.AUGMENT_ON, "augment_on",
            c.get("augment_on"), f"one of {device_augment.AUGMENT_ON}: where the ops after each "
            "view's crops and flips run (data workers or the jitted step)")
   crop_fraction = c.get("eval_crop_fraction", DEFAULT_EVAL_CROP_FRACTION)
-  _require(0 < crop_fraction <= 1, "eval_crop_fraction", crop_fraction, "in (0, 1]")
+  _require(config_lib.is_number(crop_fraction) and 0 < crop_fraction <= 1, "eval_crop_fraction",
+           crop_fraction, "a number in (0, 1]")
   if c.source == "idx":
     _require(c.dataset in sources.IDX_DATASETS, "dataset", c.dataset,
              f"one of {sources.IDX_DATASETS} when config.data.source='idx'")
+  if c.source == "synthetic":
+    num_examples = c.get("synthetic_num_examples", 1)
+    _require(config_lib.is_int(num_examples) and 1 <= num_examples < config_lib.INT32_LIMIT,
+             "synthetic_num_examples", num_examples, "an int >= 1")
+    size = c.get("synthetic_image_size")
+    _require(size is None or _is_size(size), "synthetic_image_size", size,
+             f"None (config.data.image_size) or an int in [1, {transforms.MAX_SIZE}]")
 
 
 def _check_processes(process_index: int, process_count: int) -> None:
@@ -355,12 +411,15 @@ def _require(ok: bool, key: str, value: Any, expected: str) -> None:
     raise ValueError(f"config.data.{key}={value!r} is invalid; expected {expected}")
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
+def _is_name(value: Any) -> bool:
+  return isinstance(value, str) and bool(value.strip())
+
+
+def _is_size(value: Any) -> bool:
+  return config_lib.is_int(value) and 1 <= value <= transforms.MAX_SIZE
 
 
 def _is_numbers(values: Any, length: int, check=lambda v: True) -> bool:
-  """True for a sequence of ``length`` real numbers that all pass ``check``."""
+  """True for a sequence of ``length`` finite real numbers that all pass ``check``."""
   return (isinstance(values, Sequence) and len(values) == length
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and check(v)
-                  for v in values))
+          and all(config_lib.is_number(v) and check(v) for v in values))

@@ -37,6 +37,10 @@ from PIL import Image
 
 from sslx.data import color
 
+# The largest crop side (and model input side) accepted: validation runs every spec once, so a mistyped
+# size would otherwise allocate gigabytes before any error is shown.
+MAX_SIZE = 4096
+
 INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -285,8 +289,8 @@ def _check_interval(name: str, value: Any, low: float, high: float) -> None:
 
 
 def _check_size(size: Any) -> None:
-  _check(isinstance(size, int) and not isinstance(size, bool) and size > 0, "size", size,
-         "an int > 0")
+  _check(isinstance(size, int) and not isinstance(size, bool) and 0 < size <= MAX_SIZE, "size", size,
+         f"an int in [1, {MAX_SIZE}]")
 
 
 def _check_interpolation(interpolation: Any) -> None:

@@ -160,9 +160,11 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     data_config = run_config.data
     if config.data_dir is not None:
       data_config.data_dir = config.data_dir
+    _check_eval_split(config.task, data_config, "the evaluated run's config")
   else:
     checks.validate_run_config(config)
     data_config = config.data
+    _check_eval_split(config.task, data_config, "this config")  # before the random init compiles
     method, state = random_init(config, config.seed)
   pipeline.validate_data_config(data_config)
   results = evaluate_representation((config.task,), method.embed, state, data_config, config.eval)
@@ -172,6 +174,12 @@ def evaluate(config, workdir: str) -> dict[str, float]:
       json.dump({"task": config.task, "init_from": config.init_from, **results}, f, indent=2)
     print(" | ".join(f"{name} {value:.2f}" for name, value in results.items()), flush=True)
   return results
+
+
+def _check_eval_split(task: str, data_config, whose: str) -> None:
+  if data_config.get("eval_split") is None:
+    raise ValueError(f"config.task={task!r} scores the encoder on a held-out split, but "
+                     f"config.data.eval_split is None in {whose}")
 
 
 def compare_with_baselines(config, workdir: str, method, state) -> dict[str, dict[str, float]]:

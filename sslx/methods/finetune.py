@@ -249,18 +249,15 @@ _EMBED_FROM = ("online", "ema")
 def validate_config(config) -> None:
   """Raises a ValueError naming the first bad fine-tuning key; cheap, runs before anything compiles."""
   mc = config.method
-  if not isinstance(mc.num_classes, int) or mc.num_classes < 2:
-    raise ValueError(f"config.method.num_classes={mc.num_classes!r} must be an integer >= 2")
-  if not 0.0 <= mc.label_smoothing < 1.0:
-    raise ValueError(f"config.method.label_smoothing={mc.label_smoothing} must lie in [0, 1)")
+  config_lib.check_int(mc.num_classes, "method.num_classes", 2)
+  config_lib.check_number(mc.label_smoothing, "method.label_smoothing", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
   for key in ("mixup_alpha", "cutmix_alpha"):
-    if mc[key] < 0:
-      raise ValueError(f"config.method.{key}={mc[key]} must be >= 0 (0: off)")
+    config_lib.check_number(mc[key], f"method.{key}", lambda v: v >= 0, ">= 0 (0: off)")
   for key in ("mix_prob", "switch_prob"):
-    if not 0.0 <= mc[key] <= 1.0:
-      raise ValueError(f"config.method.{key}={mc[key]} is a probability: it must lie in [0, 1]")
-  if mc.ema_decay is not None and not 0.0 < mc.ema_decay < 1.0:
-    raise ValueError(f"config.method.ema_decay={mc.ema_decay} must lie in (0, 1) (or be None: no EMA)")
+    config_lib.check_number(mc[key], f"method.{key}", lambda v: 0.0 <= v <= 1.0, "in [0, 1] (a probability)")
+  config_lib.check_bool(mc.fc_norm, "method.fc_norm")
+  config_lib.check_number(mc.ema_decay, "method.ema_decay", lambda v: 0.0 < v < 1.0, "in (0, 1)",
+                          none_means="no EMA")
   if mc.embed_from not in _EMBED_FROM:
     raise ValueError(f"config.method.embed_from={mc.embed_from!r} is not one of {_EMBED_FROM}")
   if mc.embed_from == "ema" and mc.ema_decay is None:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from sslx import config as config_lib
 from sslx import losses
 from sslx import masking
 from sslx.methods import Method, RunLength, online_encoder
@@ -61,15 +62,48 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate_config(config) -> None:
+  """Raises a ValueError naming the first bad ``config.method`` key (or one MAE cannot work with)."""
   if config.model.get("name", "vit") != "vit":
     raise ValueError(f"config.method.name='mae' needs a token encoder: config.model.name="
                      f"{config.model.name!r} is not 'vit'")
-  if not 0.0 < config.method.mask_ratio < 1.0:
-    raise ValueError(f"config.method.mask_ratio={config.method.mask_ratio} must lie strictly between 0 and 1")
+  _check_mask_ratio(config)
+  config_lib.check_bool(config.method.norm_pix_loss, "method.norm_pix_loss")
   decoder = config.method.decoder
+  for key in ("width", "depth", "num_heads", "mlp_dim"):
+    config_lib.check_int(decoder[key], f"method.decoder.{key}")
   if decoder.width % decoder.num_heads:
     raise ValueError(f"config.method.decoder.width={decoder.width} is not divisible by "
                      f"config.method.decoder.num_heads={decoder.num_heads}")
+  if decoder.width % 4:
+    raise ValueError(f"config.method.decoder.width={decoder.width} must be divisible by 4 for the decoder's "
+                     "sin-cos position embeddings")
+  layer_decay = config.get("optimizer", {}).get("layer_decay")
+  if layer_decay is not None:
+    raise ValueError(f"config.optimizer.layer_decay={layer_decay} is for fine-tuning one ViT; MAE's tree "
+                     "also holds the decoder's blocks: set it to None")
+
+
+def _check_mask_ratio(config) -> None:
+  """The ratio must leave at least one patch visible and mask at least one (`masking.num_kept`)."""
+  ratio = config.method.mask_ratio
+  if not config_lib.is_number(ratio) or not 0.0 < ratio < 1.0:
+    raise ValueError(f"config.method.mask_ratio={ratio!r} must lie strictly between 0 and 1")
+  size, variant = config.data.image_size, config.model.variant
+  patch = vit.parse_variant(variant)["patch_size"]
+  num_patches = (size // patch) ** 2
+  images = f"({size}x{size} images, patch size {patch} from config.model.variant={variant!r})"
+  if num_patches < 2:
+    raise ValueError(f"config.data.image_size={size} makes {num_patches} patch {images}; MAE needs 2 or more")
+  try:
+    masking.num_kept(num_patches, ratio)
+  except ValueError:
+    largest = masking.max_mask_ratio(num_patches)
+    if ratio > largest:
+      raise ValueError(f"config.method.mask_ratio={ratio} leaves no visible patch of the {num_patches} "
+                       f"patches {images}; the largest ratio allowed is {largest!r} (1 - 1/{num_patches})"
+                       ) from None
+    raise ValueError(f"config.method.mask_ratio={ratio} masks none of the {num_patches} patches {images}"
+                     ) from None
 
 
 def model_from_config(config) -> MaskedAutoencoder:

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from sslx.models.vit import partitioned, resolve_dtype
+from sslx import config as config_lib
+from sslx.models.vit import check_dtype, partitioned, resolve_dtype
 
 Dtype = Any
 
@@ -222,22 +223,17 @@ def _variant(model_config) -> dict:
 
 
 def validate_config(model_config, image_size: int) -> None:
-  """Raises a ValueError (TypeError for a non-bool flag) naming the first bad ``config.model`` key."""
+  """Raises a ValueError naming the first bad ``config.model`` key."""
   _variant(model_config)
   for key in ("small_images", "zero_init_last_bn"):
-    if not isinstance(model_config.get(key, False), bool):
-      raise TypeError(f"config.model.{key}={model_config.get(key)!r} must be True or False")
-  if not isinstance(model_config.get("width", 64), int) or model_config.get("width", 64) < 1:
-    raise ValueError(f"config.model.width={model_config.get('width')!r} must be a positive integer")
+    config_lib.check_bool(model_config.get(key, False), f"model.{key}")
+  config_lib.check_int(model_config.get("width", STAGE_WIDTHS[0]), "model.width")
   if (model_config.get("pooling") or "mean") not in POOLINGS:
     raise ValueError(f"config.model.pooling={model_config.pooling!r} is not one of {POOLINGS}: a ResNet "
                      "has no class token")
   if image_size < 1:
     raise ValueError(f"config.data.image_size={image_size} must be positive")
-  try:
-    resolve_dtype(model_config.get("dtype", "auto"))
-  except ValueError as error:
-    raise ValueError(f"config.model.dtype: {error}") from None
+  check_dtype(model_config)
 
 
 def feature_dim(model_config) -> int:

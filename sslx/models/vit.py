@@ -16,6 +16,8 @@ import numpy as np
 from flax import linen as nn
 from ml_collections.config_dict import placeholder
 
+from sslx import config as config_lib
+
 Dtype = Any
 
 VIT_VARIANTS = {
@@ -271,7 +273,10 @@ def default_config(variant: str = "B/16") -> ml_collections.ConfigDict:
 
 def validate_config(model_config, image_size: int) -> None:
   """Raises a ValueError naming the first bad ``config.model`` key; cheap, before anything compiles."""
-  patch = parse_variant(model_config.variant)["patch_size"]
+  try:
+    patch = parse_variant(model_config.variant)["patch_size"]
+  except ValueError as error:
+    raise ValueError(f"config.model.variant: {error}") from None
   if image_size % patch:
     raise ValueError(f"config.data.image_size={image_size} is not divisible by the patch size {patch} of "
                      f"config.model.variant={model_config.variant!r}")
@@ -279,8 +284,13 @@ def validate_config(model_config, image_size: int) -> None:
     raise ValueError(f"config.model.pooling={model_config.pooling!r} is not one of {POOLINGS}")
   if model_config.get("pos_embed", "sincos") not in ("sincos", "learned"):
     raise ValueError(f"config.model.pos_embed={model_config.pos_embed!r} is not 'sincos' or 'learned'")
-  if not 0.0 <= model_config.get("drop_path_rate", 0.0) < 1.0:
-    raise ValueError(f"config.model.drop_path_rate={model_config.drop_path_rate} must lie in [0, 1)")
+  config_lib.check_number(model_config.get("drop_path_rate", 0.0), "model.drop_path_rate",
+                          lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+  config_lib.check_number(model_config.get("layer_norm_eps", 1e-6), "model.layer_norm_eps", lambda v: v > 0,
+                          "> 0")
+  config_lib.check_bool(model_config.get("mask_token", False), "model.mask_token")
+  for key in ("width", "depth", "num_heads", "mlp_dim"):
+    config_lib.check_int(model_config.get(key), f"model.{key}", none_means="from config.model.variant")
   dims = _dims(model_config)
   if dims["width"] % dims["num_heads"]:
     raise ValueError(f"config.model.width={dims['width']} is not divisible by config.model.num_heads="
@@ -288,7 +298,14 @@ def validate_config(model_config, image_size: int) -> None:
   if model_config.get("pos_embed", "sincos") == "sincos" and dims["width"] % 4:
     raise ValueError(f"config.model.width={dims['width']} must be divisible by 4 for sin-cos position "
                      "embeddings")
-  resolve_dtype(model_config.get("dtype", "auto"))
+  check_dtype(model_config)
+
+
+def check_dtype(model_config) -> None:
+  """Raises a ValueError naming ``config.model.dtype`` unless `resolve_dtype` knows it."""
+  dtype = model_config.get("dtype", "auto")
+  if dtype != "auto" and not (isinstance(dtype, str) and dtype in _DTYPES):
+    raise ValueError(f"config.model.dtype={dtype!r} is not one of {[*_DTYPES, 'auto']}")
 
 
 def _dims(model_config) -> dict:
