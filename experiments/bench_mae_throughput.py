@@ -5,7 +5,7 @@ batch of normalised 224x224x3 images, so only compute is measured (no input pipe
 ``configs/mae_vitb.py`` recipe through ``sslx.train.make_train_step``, jitted with a donated state; the
 peer runs PyTorch eager (``--peer_compile`` for ``torch.compile``) with SDPA attention and bf16 autocast
 when the JAX side computes in bf16. Model FLOPs utilisation (MFU) uses the analytic count of
-`mae_train_flops_per_image`.
+`model_flops.mae_train_flops_per_image`.
 
   python experiments/bench_mae_throughput.py --batch_size=4 --steps=3 --warmup_steps=1   # CPU check
   python experiments/bench_mae_throughput.py --model=L/16 --json_out=bench.jsonl         # GPU
@@ -21,12 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sslx import masking
 from sslx import optim
 from sslx import recipes
 from sslx import train
 from sslx.methods import RunLength, build_method
 from sslx.models import vit
+
+from model_flops import mae_train_flops_per_image, peak_flops
 
 _MODEL = flags.DEFINE_enum("model", "B/16", ["B/16", "L/16"], "ViT variant of the MAE encoder.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per step (default: 256 on GPU, 8 on CPU).")
@@ -41,43 +42,6 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None,
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Append one JSON line with every number to this file.")
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # sets the length of the recipe's learning-rate schedule
-# Dense bf16 peak FLOP/s by a substring of ``jax.Device.device_kind``.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def _block_flops(tokens: int, width: int, mlp_dim: int) -> int:
-  """Forward matmul FLOPs of one transformer block: qkv, out-projection, MLP, QK^T and AV."""
-  return 2 * tokens * (4 * width * width + 2 * width * mlp_dim) + 2 * 2 * tokens * tokens * width
-
-
-def mae_train_flops_per_image(config) -> int:
-  """Model FLOPs of one MAE training step per image: 3 x forward matmul FLOPs (backward = 2 x forward).
-
-  With L patches of P = p*p*C pixels, K = int(L * (1 - mask_ratio)) visible patches, encoder width D,
-  depth N_e, MLP width M_e, decoder width d, depth N_d, MLP width m, and a matmul (a x b)(b x c) counted
-  as 2abc FLOPs:
-
-    forward = 2 L P D                                  patch embedding, on every patch
-            + N_e * block(K + 1, D, M_e)               encoder on the visible patches and the cls token
-            + 2 (K + 1) D d                            decoder embedding
-            + N_d * block(L + 1, d, m)                 decoder on every patch and the cls token
-            + 2 (L + 1) d P                            pixel prediction
-    block(T, D, M) = 2 T (4 D^2 + 2 D M) + 4 T^2 D     qkv + out-projection + MLP, QK^T + AV
-
-  Norms, softmax, GELU, the loss and the optimizer update are left out.
-  """
-  encoder = vit.from_config(config.model)
-  decoder = config.method.decoder
-  num_patches = (config.data.image_size // encoder.patch_size) ** 2
-  patch_dim = encoder.patch_size ** 2 * config.data.channels
-  visible = masking.num_kept(num_patches, config.method.mask_ratio) + 1
-  decoded = num_patches + 1
-  forward = (2 * num_patches * patch_dim * encoder.width
-             + encoder.depth * _block_flops(visible, encoder.width, encoder.mlp_dim)
-             + 2 * visible * encoder.width * decoder.width
-             + decoder.depth * _block_flops(decoded, decoder.width, decoder.mlp_dim)
-             + 2 * decoded * decoder.width * patch_dim)
-  return 3 * forward
 
 
 def _time_steps(run_step, sync, warmup_steps: int, steps: int) -> float:
@@ -159,15 +123,6 @@ def bench_hf(config) -> dict:
               transformers=transformers.__version__)
 
 
-def _peak_flops(device_kind: str, dtype: str):
-  """Peak FLOP/s from ``--peak_tflops``, else the bf16 table when computing in bf16, else None."""
-  if _PEAK_TFLOPS.value is not None:
-    return _PEAK_TFLOPS.value * 1e12
-  if dtype != "bfloat16":
-    return None
-  return next((peak for name, peak in PEAK_BF16_FLOPS.items() if name in device_kind), None)
-
-
 def _summarise(result: dict, batch_size: int, flops_per_image: int, peak) -> dict:
   seconds = result["seconds_per_step"]
   achieved = flops_per_image * batch_size / seconds
@@ -183,7 +138,7 @@ def main(argv):
   config.batch_size = _BATCH_SIZE.value or (8 if on_cpu else 256)
   config.model.dtype = dtype
   device_kind = jax.devices()[0].device_kind
-  peak = _peak_flops(device_kind, dtype)
+  peak = peak_flops(device_kind, dtype, _PEAK_TFLOPS.value)
   flops_per_image = mae_train_flops_per_image(config)
   print(f"MAE {config.model.variant} | batch {config.batch_size} | {dtype} | {device_kind} | "
         f"{flops_per_image / 1e9:.1f} model GFLOP per image per training step", flush=True)

@@ -86,7 +86,10 @@ def _is_orbax_echo(record: logging.LogRecord) -> bool:
   if not record.exc_info:
     return False
   if record.name == "asyncio":
-    return "exception was never retrieved" in record.getMessage() and _raised_in_orbax(record.exc_info[1])
+    error = record.exc_info[1]
+    # A tensorstore write future carries no Python frames of orbax: it is known by its message.
+    abandoned_write = _raised_in_orbax(error) or "Error writing" in str(error)
+    return "exception was never retrieved" in record.getMessage() and abandoned_write
   return (record.levelno >= logging.ERROR and record.pathname.startswith(_ORBAX_DIR)
           and record.funcName in _ORBAX_ECHOES)
 

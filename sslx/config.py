@@ -132,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.nan_policy = "stop"
   config.nan_max_skips = 10
   config.log_every_steps = 50
+  # (start, stop): a jax.profiler trace of steps start..stop (from 1, both included) into
+  # <workdir>/tensorboard (TensorBoard's profile plugin, Perfetto; experiments/summarize_trace.py), e.g.
+  # (10, 12) to skip the first step's compilation. None: no trace.
+  config.profile_steps = placeholder(tuple)
   config.viz_every_steps = 2000
   config.viz_num_images = 8
   return config
@@ -211,6 +215,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.nan_policy not in NAN_POLICIES:
     raise ValueError(f"config.nan_policy={config.nan_policy!r} is not one of {NAN_POLICIES}")
   check_int(config.nan_max_skips, "nan_max_skips")
+  _validate_profile_steps(config.get("profile_steps"))
   _validate_checkpoint_config(config.checkpoint)
   validate_eval_config(config.eval)
   _validate_monitor_config(config.monitor)
@@ -231,6 +236,17 @@ def _validate_batch_and_length(config: ml_collections.ConfigDict) -> None:
   if not is_int(fsdp) or fsdp < 1 or num_devices % fsdp:
     raise ValueError(f"config.parallel.fsdp={fsdp!r} must be an int >= 1 that divides the device count "
                      f"({num_devices})")
+
+
+def _validate_profile_steps(profile_steps: Any) -> None:
+  """None, or ``(start, stop)`` ints with ``1 <= start <= stop`` (steps count from 1, as the loop's do)."""
+  if profile_steps is None:
+    return
+  is_pair = isinstance(profile_steps, (tuple, list)) and len(profile_steps) == 2
+  if not (is_pair and all(is_int(step) and step < INT32_LIMIT for step in profile_steps)
+          and 1 <= profile_steps[0] <= profile_steps[1]):
+    raise ValueError(f"config.profile_steps={profile_steps!r} must be None or (start, stop): ints with "
+                     "1 <= start <= stop (the steps to trace, both included)")
 
 
 def _validate_checkpoint_config(checkpoint: ml_collections.ConfigDict) -> None:

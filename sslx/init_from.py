@@ -14,7 +14,8 @@ is its parameters alone, e.g. for a target inside a method's EMA copy. As a targ
 run's online encoder (``params/encoder`` and ``model_state/<collection>/encoder``). Shapes are checked
 before anything is copied, over the leaves the target has: parameters only the source has (a mask token an
 evaluation does not use) are listed as ignored; a missing or differently shaped one is an error naming the
-subtree and both shapes.
+subtree and both shapes. Blocks saved in the other layout (``config.model.scan_blocks``: ``block_{i}`` or
+stacked ``blocks``) are converted to this run's first (`sslx.convert.scan_layout.match_layout`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from flax import linen as nn
 from sslx import checkpoint as checkpoint_lib
 from sslx import methods
 from sslx import trees
+from sslx.convert import scan_layout
 
 STATE_PARTS = ("params", "model_state", "method_state")
 ENCODER = "encoder"
@@ -182,7 +184,8 @@ def apply_mappings(state: dict, mappings: list[Mapping], shardings: dict, mesh, 
       else:
         target = _get(state, mapping.target, f"{what}: this run's state")
         target_shardings = _get(shardings, mapping.target, f"{what}: this run's state")
-      source = reader.subtree(mapping.source)
+      # An encoder saved with the other config.model.scan_blocks loads: its blocks are restacked (exactly).
+      source = scan_layout.match_layout(reader.subtree(mapping.source), target)
       ignored = check_target_shapes(source, target, what=what)
       copied = _select_like(source, target)
       copied = jax.tree.map(lambda x, sharding: jax.device_put(x, sharding), copied, target_shardings)

@@ -29,6 +29,7 @@ from sslx import config as config_lib
 from sslx import schedules
 from sslx import trees
 from sslx.evaluate import finetune_ops
+from sslx.models import vit
 
 Schedule = Callable[[Any], Any]  # step (int or traced) -> value
 
@@ -184,13 +185,30 @@ def zero_until(rules) -> optax.GradientTransformation:
   return optax.GradientTransformation(_init_count, update)
 
 
+def scale_by_trust_ratio_per_layer(trust_coefficient: float) -> optax.GradientTransformation:
+  """``optax.scale_by_trust_ratio`` (``u <- eta ||p|| / ||u|| * u`` per leaf), one layer at a time in stacked
+  ``blocks`` leaves: each stacked block gets the trust ratio its unrolled ``block_i`` would get."""
+  inner = optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient)
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("the trust ratio needs the params: tx.update(grads, state, params)")
+    per_leaf = lambda u, p: inner.update(u, state, p)[0]
+    stacked = map_paths(lambda path: vit.STACKED_BLOCKS in path.split("/"), updates)
+    scale = lambda u, p, is_stacked: jax.vmap(per_leaf)(u, p) if is_stacked else per_leaf(u, p)
+    return jax.tree.map(scale, updates, params, stacked), state
+
+  return optax.GradientTransformation(inner.init, update)
+
+
 def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
   """Multiplies each leaf's update by ``decay^(L + 1 - layer)`` (`finetune_ops.layer_decay_multipliers`).
 
   Chained after AdamW this scales that leaf's whole step, decoupled weight decay included, which is what a
   per-group learning rate ``lr * decay^(L + 1 - layer)`` does in torch's AdamW (the MAE / BEiT recipe).
   The multipliers depend only on the tree's names, so they are worked out while tracing and cost nothing.
-  The tree must hold one ViT's ``block_{i}`` only (an encoder plus a head, not an MAE decoder).
+  The tree must hold one ViT's ``block_{i}`` (or stacked ``blocks``) only (an encoder plus a head, not an MAE
+  decoder); stacked blocks get one multiplier per layer along their leading axis.
   """
   def update(updates, state, params=None):
     multipliers = finetune_ops.layer_decay_multipliers(updates, decay)
@@ -232,6 +250,22 @@ def _validate_rules(key: str, rules) -> None:
     _validate_pattern(key, rule[0])
 
 
+def _check_rules_fit_stacked_blocks(config) -> None:
+  """A rule naming ``block_{i}`` would silently match nothing in stacked blocks (``config.model.scan_blocks``).
+
+  Stacked blocks share one leaf per parameter, so per-block rules are not expressible there: layer-wise
+  decay (``layer_decay``) is, and the trust ratio is taken per layer.
+  """
+  if not config.get("model", {}).get("scan_blocks", False):
+    return
+  patterns = [(key, rule[0]) for key in ("wd_mults", "lr_mults", "freeze_epochs") for rule in _option(config, key)]
+  patterns += [("frozen", pattern) for pattern in _option(config, "frozen")]
+  for key, pattern in patterns:
+    if "block_" in pattern:
+      raise ValueError(f"config.optimizer.{key}: {pattern!r} names unrolled blocks, which "
+                       "config.model.scan_blocks=True stacks into one 'blocks' subtree; set it to False")
+
+
 def validate_optimizer_config(config) -> None:
   """Raises a ValueError naming the key for any bad ``config.optimizer`` / ``config.schedule`` value.
 
@@ -254,6 +288,7 @@ def validate_optimizer_config(config) -> None:
   for pattern in _option(config, "frozen"):
     _validate_pattern("frozen", pattern)
   validate_layer_decay(_option(config, "layer_decay"))
+  _check_rules_fit_stacked_blocks(config)
   for key in ("warmup_epochs", "min_lr"):
     value = config.schedule.get(key)
     if not config_lib.is_number(value) or value < 0:
@@ -275,7 +310,7 @@ def _base_optimizer(config, lr: Schedule, wd: Schedule) -> optax.GradientTransfo
     return optax.chain(decay, momentum, optax.scale_by_learning_rate(lr))
   # Biases and norm parameters (no decay) keep their plain gradient, as in SimCLR / BYOL.
   trust_ratio = optax.masked(
-      optax.scale_by_trust_ratio(trust_coefficient=_option(config, "lars_trust_coefficient")),
+      scale_by_trust_ratio_per_layer(_option(config, "lars_trust_coefficient")),
       functools.partial(weight_decay_mask, rules=rules))
   return optax.chain(decay, trust_ratio, optax.scale_by_learning_rate(lr), momentum)
 

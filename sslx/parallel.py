@@ -20,10 +20,11 @@ DATA_AXES = ("data", "fsdp")
 
 # Logical parameter axis names used by sslx models, and where each goes on the mesh.
 _REPLICATED_RULES = (("embed", None), ("mlp", None), ("heads", None), ("head_dim", None), ("patch", None),
-                     ("conv_in", None), ("conv_out", None))
-# A conv kernel's output channels (and its BatchNorm's) split like a transformer's width.
+                     ("conv_in", None), ("conv_out", None), ("layers", None))
+# A conv kernel's output channels (and its BatchNorm's) split like a transformer's width. The leading axis of
+# stacked (scanned) blocks stays whole: each scan iteration reads one layer, which every device needs.
 _FSDP_RULES = (("embed", "fsdp"), ("mlp", None), ("heads", None), ("head_dim", None), ("patch", None),
-               ("conv_in", None), ("conv_out", "fsdp"))
+               ("conv_in", None), ("conv_out", "fsdp"), ("layers", None))
 
 
 def maybe_initialize_distributed() -> None:

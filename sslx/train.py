@@ -24,10 +24,12 @@ from sslx import checkpoint as checkpoint_lib
 from sslx import checks
 from sslx import init_from
 from sslx import metrics as metrics_lib
+from sslx import models
 from sslx import monitors
 from sslx import optim
 from sslx import parallel
 from sslx import preemption
+from sslx import profiling
 from sslx import results as results_lib
 from sslx import run_lock
 from sslx import viz
@@ -364,7 +366,9 @@ def _train(run: _Run, stops: preemption.StopRequests) -> tuple[TrainState, dict[
     viz_batch = pipeline.make_viz_batch(cfg.data, cfg.viz_num_images)
 
   logger = _Logger(run, start_step)
-  run.log(f"{cfg.method.name} | {cfg.model.name} {cfg.model.get('variant', '')} | {jax.device_count()} "
+  attention = models.attention_implementation(cfg.model)
+  run.log(f"{cfg.method.name} | {cfg.model.name} {cfg.model.get('variant', '')}"
+          f"{f' | {attention} attention' if attention else ''} | {jax.device_count()} "
           f"{jax.default_backend()} device(s) | {run.steps_per_epoch} steps/epoch | {run.total_steps} steps | "
           f"workdir {os.path.abspath(workdir)}")
   if run.monitor is not None and start_step == 0:
@@ -377,7 +381,9 @@ def _train(run: _Run, stops: preemption.StopRequests) -> tuple[TrainState, dict[
   pending: list[tuple[int, Any]] = []
   last_scalars: dict[str, float] = {}
   first_step_start = time.time()
+  profiler = profiling.StepProfiler(cfg.get("profile_steps"), os.path.join(workdir, "tensorboard"))
   for step in range(start_step + 1, run.total_steps + 1):
+    profiler.step(step, state)
     state, step_metrics = train_step(state, next(batches))
     pending.append((step, step_metrics))
     is_last = step == run.total_steps
@@ -411,7 +417,7 @@ def _train(run: _Run, stops: preemption.StopRequests) -> tuple[TrainState, dict[
       logger.flush()
       run.checkpointer.save(step, state, batches.get_state())
     if stop is not None:
-      _stop_early(run, [batches, logger], step, stop)
+      _stop_early(run, [batches, logger, profiler], step, stop)
     if visualize is not None and (step % cfg.viz_every_steps == 0 or is_last):
       jax.block_until_ready(state)
       viz_start = time.time()
@@ -422,6 +428,7 @@ def _train(run: _Run, stops: preemption.StopRequests) -> tuple[TrainState, dict[
         viz.save_image_grid(path, {name: viz.denormalize(images, cfg.data.mean, cfg.data.std)
                                    for name, images in pictures.items()})
       logger.progress.exclude(time.time() - viz_start)
+  profiler.close(state)
   batches.close()
   logger.close()
   _close_checkpointers(run)

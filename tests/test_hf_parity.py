@@ -14,6 +14,7 @@ from transformers.models.vit_mae import modeling_vit_mae  # pylint: disable=g-im
 
 from sslx import losses
 from sslx.convert import hf_mae
+from sslx.convert import scan_layout
 from sslx.methods import mae
 from sslx.models import vit
 from sslx.models.patches import patchify
@@ -44,12 +45,12 @@ def _hf_model(seed=0, random_pos=False, **config):
   return model
 
 
-def _sslx_model(values, pos_embed="sincos"):
+def _sslx_model(values, pos_embed="sincos", scan_blocks=False):
   """The sslx module built through the config path a user takes with ``config_from_hf`` values."""
   config = ml_collections.ConfigDict(dict(
       model=dict(variant=f"B/{values['patch_size']}", width=values["width"], depth=values["depth"],
                  num_heads=values["num_heads"], mlp_dim=values["mlp_dim"], pos_embed=pos_embed,
-                 layer_norm_eps=values["layer_norm_eps"], dtype="float32"),
+                 layer_norm_eps=values["layer_norm_eps"], dtype="float32", scan_blocks=scan_blocks),
       method=dict(name="mae", mask_ratio=values["mask_ratio"], norm_pix_loss=values["norm_pix_loss"],
                   decoder=dict(width=values["decoder_width"], depth=values["decoder_depth"],
                                num_heads=values["decoder_num_heads"], mlp_dim=values["decoder_mlp_dim"])),
@@ -82,6 +83,16 @@ def test_logits_and_loss_match_hf(norm_pix, eps):
   assert values["norm_pix_loss"] == norm_pix
   params = hf_mae.convert_hf_vitmae(hf_model.state_dict(), hf_model.config)
   logits_diff, loss_diff = _max_diffs(hf_model, params, _sslx_model(values))
+  assert logits_diff < 1e-5 and loss_diff < 1e-5
+
+
+def test_scanned_blocks_match_hf_after_stacking():
+  """config.model.scan_blocks: convert, then stack the encoder's and decoder's blocks."""
+  hf_model = _hf_model(norm_pix_loss=True)
+  values = hf_mae.config_from_hf(hf_model.config)
+  params = scan_layout.stack_blocks(hf_mae.convert_hf_vitmae(hf_model.state_dict(), hf_model.config))
+  assert "blocks" in params["encoder"] and "blocks" in params["decoder"]
+  logits_diff, loss_diff = _max_diffs(hf_model, params, _sslx_model(values, scan_blocks=True))
   assert logits_diff < 1e-5 and loss_diff < 1e-5
 
 

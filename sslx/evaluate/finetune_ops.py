@@ -1,8 +1,8 @@
 """Pure pieces of end-to-end fine-tuning: layer-wise learning-rate decay, mixup / cutmix with label smoothing.
 
 Layer-wise decay (BEiT, Bao et al. 2022; MAE, He et al. 2022): with ``L`` transformer blocks, parameter
-``p`` gets layer id ``0`` (patch_embed, cls_token, pos_embed), ``i + 1`` (block_i) or ``L + 1`` (norm,
-head and anything else), and learning rate ``lr * decay^(L + 1 - id)``.
+``p`` gets layer id ``0`` (patch_embed, cls_token, pos_embed), ``i + 1`` (block_i, or index ``i`` of stacked
+``blocks``) or ``L + 1`` (norm, head and anything else), and learning rate ``lr * decay^(L + 1 - id)``.
 
 Mixup (Zhang et al., 2018) / CutMix (Yun et al., 2019), batch-wise as in timm: one ``lambda`` per batch,
 each example mixed with its mirror in the batch (``x[::-1]``):
@@ -14,32 +14,42 @@ each example mixed with its mirror in the batch (``x[::-1]``):
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sslx import trees
+from sslx.models.vit import STACKED_BLOCKS
 
 _EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed")
 _BLOCK = re.compile(r"block_(\d+)")
 
 
 def num_blocks(params: Any) -> int:
-  """Number of transformer blocks: ``1 + max i`` over ``block_i`` names in the tree."""
-  ids = [int(match.group(1)) for path, _ in jax.tree_util.tree_leaves_with_path(params)
-         for name in trees.path_names(path) if (match := _BLOCK.fullmatch(name))]
-  if not ids:
-    raise ValueError("No 'block_{i}' parameters found; is this a ViT parameter tree?")
-  return max(ids) + 1
+  """Number of transformer blocks: ``1 + max i`` over ``block_i`` names, or the leading size of stacked
+  ``blocks`` leaves (`sslx.convert.scan_layout`)."""
+  counts = [leaf.shape[0] if name == STACKED_BLOCKS else int(match.group(1)) + 1
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            for name in trees.path_names(path) if name == STACKED_BLOCKS or (match := _BLOCK.fullmatch(name))]
+  if not counts:
+    raise ValueError("No 'block_{i}' or stacked 'blocks' parameters found; is this a ViT parameter tree?")
+  return max(counts)
 
 
-def layer_id(names: list[str], num_layers: int) -> int:
-  """Layer id of the parameter at path ``names`` (the first matching name decides)."""
+def layer_id(names: list[str], num_layers: int, shape: tuple[int, ...] = ()) -> Union[int, np.ndarray]:
+  """Layer id of the parameter at path ``names`` (the first matching name decides).
+
+  A leaf of stacked ``blocks`` (``shape`` ``(L, ...)``) holds block ``i`` at index ``i``: its id is an int
+  array of ``1 ... L`` along the leading axis, shaped to broadcast against the leaf.
+  """
   for name in names:
     if name in _EMBEDDING_NAMES:
       return 0
+    if name == STACKED_BLOCKS:
+      return np.arange(1, shape[0] + 1).reshape((shape[0],) + (1,) * (len(shape) - 1))
     if match := _BLOCK.fullmatch(name):
       return int(match.group(1)) + 1
   return num_layers + 1
@@ -48,15 +58,25 @@ def layer_id(names: list[str], num_layers: int) -> int:
 def layer_decay_multipliers(params: Any, decay: float, *, num_layers: Optional[int] = None) -> Any:
   """Tree like ``params`` holding ``decay^(L + 1 - layer_id)`` per leaf.
 
+  A Python float per leaf, except for stacked ``blocks`` leaves: a float32 array of one multiplier per layer
+  along the leading axis, so each stacked block gets the update its unrolled ``block_i`` would get.
+
   Args:
     params: unboxed encoder (+ head) parameters; wrapper keys such as ``'encoder'`` are fine, but the
       tree must not hold other ``block_{i}`` (e.g. an MAE decoder's) when ``num_layers`` is counted.
     decay: e.g. 0.65 (MAE ViT-B) or 0.75 (ViT-L/H).
-    num_layers: ``L``; counted from the ``block_{i}`` names when ``None``.
+    num_layers: ``L``; counted from the ``block_{i}`` names (or the stacked blocks) when ``None``.
   """
   num_layers = num_blocks(params) if num_layers is None else num_layers
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: decay ** (num_layers + 1 - layer_id(trees.path_names(path), num_layers)), params)
+
+  def multiplier(path, leaf):
+    ids = layer_id(trees.path_names(path), num_layers, np.shape(leaf))
+    if isinstance(ids, int):
+      return decay ** (num_layers + 1 - ids)
+    # The same float64 powers the unrolled leaves get, rounded to float32 once as theirs are.
+    return np.power(float(decay), (num_layers + 1 - ids).astype(np.float64)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(multiplier, params)
 
 
 def scale_by_layer_decay(multipliers: Any) -> optax.GradientTransformation:

@@ -17,6 +17,7 @@ from sslx import config as config_lib
 from sslx import losses
 from sslx import masking
 from sslx.methods import Method, RunLength, online_encoder
+from sslx.models import attention as attention_lib
 from sslx.models import decoders
 from sslx.models import vit
 from sslx.models.patches import patchify
@@ -77,6 +78,12 @@ def validate_config(config) -> None:
   if decoder.width % 4:
     raise ValueError(f"config.method.decoder.width={decoder.width} must be divisible by 4 for the decoder's "
                      "sin-cos position embeddings")
+  if config.model.get("attention", "auto") == "cudnn":
+    try:
+      attention_lib.resolve("cudnn", vit.resolve_dtype(config.model.get("dtype", "auto")),
+                            decoder.width // decoder.num_heads)
+    except ValueError as error:
+      raise ValueError(f"{error} (in the MAE decoder, config.method.decoder)") from None
   layer_decay = config.get("optimizer", {}).get("layer_decay")
   if layer_decay is not None:
     raise ValueError(f"config.optimizer.layer_decay={layer_decay} is for fine-tuning one ViT; MAE's tree "
@@ -109,14 +116,19 @@ def _check_mask_ratio(config) -> None:
 def model_from_config(config) -> MaskedAutoencoder:
   """Builds the module from ``config.model``, ``config.method`` and ``config.data``.
 
-  Decoder dimensions come from ``config.method.decoder.{width,depth,num_heads,mlp_dim}``.
+  Decoder dimensions come from ``config.method.decoder.{width,depth,num_heads,mlp_dim}``. The decoder's
+  blocks compile as the encoder's (``config.model.scan_blocks``, ``remat``, ``attention``): one switch per
+  run, so a checkpoint has one layout and the decoder's 8 blocks are not left unrolled beside a scanned encoder.
   """
   encoder = vit.from_config(config.model)
   dec = config.method.decoder
+  attention = attention_lib.resolve(config.model.get("attention", "auto"), encoder.dtype,
+                                    int(dec.width) // int(dec.num_heads))
   decoder = decoders.MAEDecoder(
       patch_dim=encoder.patch_size ** 2 * int(config.data.channels),
       width=int(dec.width), depth=int(dec.depth), num_heads=int(dec.num_heads), mlp_dim=int(dec.mlp_dim),
-      layer_norm_eps=encoder.layer_norm_eps, dtype=encoder.dtype, param_dtype=encoder.param_dtype)
+      layer_norm_eps=encoder.layer_norm_eps, dtype=encoder.dtype, param_dtype=encoder.param_dtype,
+      scan_blocks=encoder.scan_blocks, remat=encoder.remat, attention=attention)
   return MaskedAutoencoder(encoder, decoder, float(config.method.mask_ratio))
 
 

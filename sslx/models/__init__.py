@@ -15,6 +15,7 @@ Nothing outside this package names an encoder class.
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 from flax import linen as nn
 
@@ -49,3 +50,11 @@ def validate_config(model_config, image_size: int) -> None:
 def encoder_from_config(model_config) -> nn.Module:
   """The encoder ``config.model`` describes."""
   return encoder_module(model_config.get("name", "vit")).from_config(model_config)
+
+
+def attention_implementation(model_config) -> Optional[str]:
+  """What ``jax.nn.dot_product_attention`` runs in the encoder ``config.model`` describes, on this machine:
+  ``'cudnn'`` or ``'xla'``; None for an encoder without attention (ResNet). For a run's first line."""
+  module = encoder_module(model_config.get("name", "vit"))
+  choose = getattr(module, "attention_implementation", None)
+  return None if choose is None else choose(model_config)

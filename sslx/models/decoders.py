@@ -17,6 +17,7 @@ class MAEDecoder(nn.Module):
   Attributes:
     patch_dim: length of a flattened patch, ``p * p * C``.
     width, depth, num_heads, mlp_dim: decoder transformer dimensions.
+    scan_blocks, remat, attention: how its blocks compile, as the encoder's (`sslx.models.vit.run_blocks`).
   """
   patch_dim: int
   width: int = 512
@@ -26,6 +27,9 @@ class MAEDecoder(nn.Module):
   layer_norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  scan_blocks: bool = False
+  remat: str = "none"
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, tokens, ids_restore, *, train: bool,
@@ -63,9 +67,9 @@ class MAEDecoder(nn.Module):
     pos = vit.sincos_pos_embed_2d(self.width, tuple(grid_hw), cls_token=True)
     x = x + jnp.asarray(pos, self.dtype)
 
-    for i in range(self.depth):
-      x = vit.Block(self.num_heads, self.mlp_dim, 0.0, self.layer_norm_eps, self.dtype,
-                    self.param_dtype, name=f"block_{i}")(x, train=False)
+    x = vit.run_blocks(x, None, depth=self.depth, scan=self.scan_blocks, remat=self.remat,
+                       num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_norm_eps=self.layer_norm_eps,
+                       dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
     x = vit.layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")(x)
     x = vit.dense(self.patch_dim, ("embed", "patch"), self.dtype, self.param_dtype, "pred")(x)
     return x[:, 1:]

@@ -1,8 +1,14 @@
 """Vision Transformer (ViT) encoder with the MAE / timm initialisation.
 
 Every parameter carries logical axis names (``nn.with_logical_partitioning``) drawn only from
-``'embed'`` (model width), ``'mlp'`` (MLP hidden), ``'heads'``, ``'head_dim'`` and ``'patch'`` (patch pixel
-vector); ``sslx.parallel`` maps them onto the device mesh.
+``'embed'`` (model width), ``'mlp'`` (MLP hidden), ``'heads'``, ``'head_dim'``, ``'patch'`` (patch pixel
+vector) and ``'layers'`` (the leading axis of stacked blocks); ``sslx.parallel`` maps them onto the mesh.
+
+Blocks come in two parameter layouts (`run_blocks`): unrolled, ``block_0 ... block_{L-1}`` (a Python loop:
+the compiled program holds every block), or stacked, one ``blocks`` subtree whose leaves have a leading
+``L`` axis (``config.model.scan_blocks``: one ``nn.scan``, so the program holds one block, compiled once).
+`sslx.convert.scan_layout` converts between them exactly; both compute the same function (to float32
+rounding: XLA may order a few additions differently inside a loop).
 """
 from __future__ import annotations
 
@@ -17,8 +23,13 @@ from flax import linen as nn
 from ml_collections.config_dict import placeholder
 
 from sslx import config as config_lib
+from sslx.models import attention as attention_lib
 
 Dtype = Any
+
+STACKED_BLOCKS = "blocks"  # the scanned blocks' subtree; unrolled blocks are `block_{i}`
+LAYERS_AXIS = "layers"  # logical name of the stacked blocks' leading axis
+REMATS = ("none", "matmuls", "full")
 
 VIT_VARIANTS = {
     "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
@@ -114,10 +125,14 @@ def dense(features: int, axes: tuple, dtype: Dtype, param_dtype: Dtype, name: st
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused, biased qkv projection."""
+  """Multi-head self-attention with a fused, biased qkv projection.
+
+  ``implementation`` is ``jax.nn.dot_product_attention``'s: ``'xla'`` or ``'cudnn'`` (`sslx.models.attention`).
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -128,8 +143,9 @@ class Attention(nn.Module):
     # 2-D kernels keep XLA's backward pass free of the transposes multi-axis DenseGeneral adds.
     qkv = dense(3 * width, ("embed", None), self.dtype, self.param_dtype, "qkv")(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
-    # (B, T, N, H) layout lets XLA pick cuDNN flash attention on GPU.
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+    # (B, T, N, H) is the layout cuDNN's flash attention takes without a transpose.
+    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                       implementation=self.implementation)
     return dense(width, (None, "embed"), self.dtype, self.param_dtype, "proj")(out.reshape(batch, tokens, width))
 
 
@@ -146,24 +162,88 @@ class Mlp(nn.Module):
     return dense(x.shape[-1], ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(hidden)
 
 
+def drop_path(x, keep_prob, key):
+  """Per-sample stochastic depth: a sample's ``x`` becomes 0 with probability ``1 - keep_prob``, else
+  ``x / keep_prob`` (its expectation is ``x``). ``keep_prob`` is an array, so a scan can feed each layer its own.
+  """
+  keep = jax.random.bernoulli(key, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / keep_prob.astype(x.dtype), jnp.zeros_like(x))
+
+
+def drop_path_inputs(key, rate: float, depth: int):
+  """``(keep_prob, key)`` of every block, each with a leading ``depth`` axis, for `run_blocks`.
+
+  The drop rate grows linearly from 0 at the first block to ``rate`` at the last, as in timm.
+  """
+  keep_prob = jnp.asarray(1.0 - np.linspace(0.0, rate, depth), jnp.float32)
+  return keep_prob, jax.random.split(key, depth)
+
+
 class Block(nn.Module):
-  """Pre-norm transformer block with per-sample stochastic depth (drop path)."""
+  """Pre-norm transformer block with optional per-sample stochastic depth (drop path) on both branches."""
   num_heads: int
   mlp_dim: int
-  drop_path_rate: float = 0.0
   layer_norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
-  def __call__(self, x, *, train: bool):
-    # Dropout broadcast over every axis but the batch drops a sample's whole residual branch.
-    drop_path = nn.Dropout(self.drop_path_rate, broadcast_dims=tuple(range(1, x.ndim)),
-                           deterministic=not train)
+  def __call__(self, x, drop=None):
+    """``drop``: None (no drop path), or this block's ``(keep_prob, key)`` (`drop_path_inputs`)."""
+    # Each branch draws its own mask, as two calls of timm's DropPath do.
+    keys = None if drop is None else jax.random.split(drop[1])
+
+    def residual(y, branch):
+      return y if drop is None else drop_path(y, drop[0], keys[branch])
+
     y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")(x)
-    x = x + drop_path(Attention(self.num_heads, self.dtype, self.param_dtype, name="attn")(y))
+    x = x + residual(Attention(self.num_heads, self.dtype, self.param_dtype, self.attention, name="attn")(y), 0)
     y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")(x)
-    return x + drop_path(Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y))
+    return x + residual(Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y), 1)
+
+
+# 'matmuls' keeps the outputs of the four weight matmuls (qkv, proj, fc1, fc2: most of a block's FLOPs)
+# and recomputes the rest (norms, GELU, softmax, the attention scores: most of its activation bytes).
+# `checkpoint_dots` would also keep the batched attention matmuls, whose scores grow with tokens squared.
+_REMAT_POLICIES = {"matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable, "full": None}
+
+
+def _block_class(remat: str, in_scan: bool):
+  """`Block`, rematerialised per block unless ``remat='none'``."""
+  if remat not in REMATS:
+    raise ValueError(f"Unknown remat {remat!r}; choose one of {REMATS}.")
+  if remat == "none":
+    return Block
+  # A scan's loop boundary already keeps XLA from merging the recomputation back into the forward pass.
+  return nn.remat(Block, policy=_REMAT_POLICIES[remat], prevent_cse=not in_scan)
+
+
+def run_blocks(x, drops, *, depth: int, scan: bool, remat: str, **block_fields):
+  """``depth`` `Block`s in sequence, inside the calling module's compact method.
+
+  Args:
+    x: ``(B, T, D)`` tokens.
+    drops: None, or `drop_path_inputs` (one ``(keep_prob, key)`` per block along a leading axis).
+    depth: number of blocks.
+    scan: one ``nn.scan`` over stacked parameters (subtree ``blocks``, leading axis ``'layers'``) instead of
+      ``block_0 ... block_{depth-1}``.
+    remat: ``'none' | 'matmuls' | 'full'``: what each block keeps for the backward pass (see `_REMAT_POLICIES`).
+    **block_fields: `Block`'s fields.
+  """
+  block = _block_class(remat, in_scan=scan)
+  if not scan:
+    for i in range(depth):
+      layer_drop = None if drops is None else jax.tree.map(lambda a, i=i: a[i], drops)
+      x = block(**block_fields, name=f"block_{i}")(x, layer_drop)
+    return x
+  scanned = nn.scan(lambda module, carry, layer_drop: (module(carry, layer_drop), None),
+                    variable_axes={"params": 0}, split_rngs={"params": True}, length=depth,
+                    metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
+                    # Nothing is broadcast into the loop, so the invariant check would only cost a trace.
+                    check_constancy_invariants=False)
+  x, _ = scanned(block(**block_fields, name=STACKED_BLOCKS), x, drops)
+  return x
 
 
 class VisionTransformer(nn.Module):
@@ -172,7 +252,8 @@ class VisionTransformer(nn.Module):
   ``aux`` holds ``pooled`` (= features), ``patch_tokens`` ``(B, L', D)`` and ``cls_token`` ``(B, D)``,
   all after the final LayerNorm. ``features`` is the class token (``pooling='cls'``) or the mean patch
   token (``'mean'``). With ``use_mask_token`` the encoder owns a learned ``mask_token`` that replaces the
-  patch embeddings a boolean ``mask`` marks (SimMIM, BEiT).
+  patch embeddings a boolean ``mask`` marks (SimMIM, BEiT). ``scan_blocks``, ``remat`` and ``attention``
+  change how the blocks are compiled (`run_blocks`, `Attention`), not what they compute.
   """
   patch_size: int
   width: int
@@ -186,6 +267,9 @@ class VisionTransformer(nn.Module):
   use_mask_token: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  scan_blocks: bool = False
+  remat: str = "none"
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, images, *, train: bool, ids_keep: Optional[jax.Array] = None,
@@ -239,10 +323,12 @@ class VisionTransformer(nn.Module):
     cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, self.width))
     x = jnp.concatenate([cls, x], axis=1)
 
-    # Stochastic depth grows linearly with depth, as in timm.
-    for i, rate in enumerate(np.linspace(0.0, self.drop_path_rate, self.depth)):
-      x = Block(self.num_heads, self.mlp_dim, float(rate), self.layer_norm_eps, self.dtype,
-                self.param_dtype, name=f"block_{i}")(x, train=train)
+    drops = None
+    if train and self.drop_path_rate > 0:
+      drops = drop_path_inputs(self.make_rng("dropout"), self.drop_path_rate, self.depth)
+    x = run_blocks(x, drops, depth=self.depth, scan=self.scan_blocks, remat=self.remat,
+                   num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_norm_eps=self.layer_norm_eps,
+                   dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
     x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")(x)
 
     cls_token, patch_tokens = x[:, 0], x[:, 1:]
@@ -268,6 +354,10 @@ def default_config(variant: str = "B/16") -> ml_collections.ConfigDict:
       layer_norm_eps=1e-6,
       mask_token=False,             # a learned mask token for methods that mask inside the encoder
       dtype="auto",                 # 'auto': bfloat16 on accelerators, float32 on CPU
+      # How the blocks compile (the MAE decoder's too), not what they compute:
+      scan_blocks=False,            # one nn.scan over stacked block parameters ('blocks'): compiles once
+      remat="none",                 # per block: 'none' | 'matmuls' (keep matmul outputs) | 'full'
+      attention="auto",             # 'auto' (cuDNN flash where it can run, else XLA) | 'xla' | 'cudnn'
   ))
 
 
@@ -299,6 +389,19 @@ def validate_config(model_config, image_size: int) -> None:
     raise ValueError(f"config.model.width={dims['width']} must be divisible by 4 for sin-cos position "
                      "embeddings")
   check_dtype(model_config)
+  check_compilation_keys(model_config)
+
+
+def check_compilation_keys(model_config) -> None:
+  """Raises a ValueError naming ``config.model.scan_blocks``, ``.remat`` or ``.attention`` if it is bad."""
+  config_lib.check_bool(model_config.get("scan_blocks", False), "model.scan_blocks")
+  if model_config.get("remat", "none") not in REMATS:
+    raise ValueError(f"config.model.remat={model_config.remat!r} is not one of {REMATS}")
+  if model_config.get("attention", "auto") not in attention_lib.ATTENTIONS:
+    raise ValueError(f"config.model.attention={model_config.attention!r} is not one of "
+                     f"{attention_lib.ATTENTIONS}")
+  if model_config.get("attention", "auto") == "cudnn":
+    attention_implementation(model_config)  # raises where cuDNN cannot run, before anything compiles
 
 
 def check_dtype(model_config) -> None:
@@ -316,6 +419,16 @@ def _dims(model_config) -> dict:
   return dims
 
 
+def attention_implementation(model_config) -> str:
+  """``'cudnn'`` or ``'xla'``: what the encoder's attention runs on this machine (``config.model.attention``).
+
+  Decided from the compute dtype and head dimension, once, when the model is built (`sslx.models.attention`).
+  """
+  dims = _dims(model_config)
+  return attention_lib.resolve(model_config.get("attention", "auto"),
+                               resolve_dtype(model_config.get("dtype", "auto")), dims["width"] // dims["num_heads"])
+
+
 def from_config(model_config) -> VisionTransformer:
   """Builds the encoder described by ``config.model`` (see `default_config`); parameters are float32."""
   return VisionTransformer(
@@ -326,4 +439,7 @@ def from_config(model_config) -> VisionTransformer:
       layer_norm_eps=float(model_config.get("layer_norm_eps", 1e-6)),
       use_mask_token=bool(model_config.get("mask_token", False)),
       dtype=resolve_dtype(model_config.get("dtype", "auto")),
-      param_dtype=jnp.float32)
+      param_dtype=jnp.float32,
+      scan_blocks=bool(model_config.get("scan_blocks", False)),
+      remat=model_config.get("remat", "none"),
+      attention=attention_implementation(model_config))
