@@ -29,7 +29,9 @@ from sslx.models import vit
 
 from model_flops import mae_train_flops_per_image, peak_flops
 
-_MODEL = flags.DEFINE_enum("model", "B/16", ["B/16", "L/16"], "ViT variant of the MAE encoder.")
+_MODEL = flags.DEFINE_enum("model", "B/16", ["B/16", "L/16", "quickstart"],
+                           "ViT variant of the MAE encoder; 'quickstart' is configs/mae_fashion_mnist.py's "
+                           "model and recipe (28x28x1, patch 4, 4x192, decoder 128x2).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per step (default: 256 on GPU, 8 on CPU).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed training steps.", lower_bound=1)
 _WARMUP_STEPS = flags.DEFINE_integer("warmup_steps", 3, "Untimed steps after compilation.", lower_bound=0)
@@ -134,8 +136,12 @@ def main(argv):
   del argv
   on_cpu = jax.default_backend() == "cpu"
   dtype = _DTYPE.value or ("float32" if on_cpu else "bfloat16")
-  config = recipes.mae_imagenet(_MODEL.value, None)
-  config.batch_size = _BATCH_SIZE.value or (8 if on_cpu else 256)
+  if _MODEL.value == "quickstart":
+    config = recipes.mae_fashion_mnist()
+    config.batch_size = _BATCH_SIZE.value or 256
+  else:
+    config = recipes.mae_imagenet(_MODEL.value, None)
+    config.batch_size = _BATCH_SIZE.value or (8 if on_cpu else 256)
   config.model.dtype = dtype
   device_kind = jax.devices()[0].device_kind
   peak = peak_flops(device_kind, dtype, _PEAK_TFLOPS.value)

@@ -5,16 +5,20 @@ the batch is split over both axes; parameters are replicated (pure data parallel
 ``config.parallel.fsdp > 1``, in which case the logical axes ``'embed'`` and ``'conv_out'`` are split over
 the ``'fsdp'`` axis (ZeRO-3 / FSDP style). Models name their parameter axes with
 ``nn.with_logical_partitioning``; the mapping from logical names to mesh axes lives only here.
+`run_on_batch_shards` runs a function per device over the batch axes (losses that compare every example with
+the whole global batch, e.g. contrastive ones, without building the global x global matrix on one device).
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Any
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
 
@@ -81,3 +85,51 @@ def shardings_from_logical(boxed_abstract_tree: Any, mesh: Mesh, rules) -> Any:
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
   """Turns this process's slice of the batch (numpy) into globally sharded jax Arrays."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+class BatchShards(NamedTuple):
+  """The collectives a per-shard function needs over the batch axes; with no axes (one device) they are
+  identities, so one function body serves both cases."""
+  axes: tuple[str, ...] = ()
+  size: int = 1  # devices along ``axes``
+
+  def all_gather(self, x: jax.Array) -> jax.Array:
+    """The global batch from every device's rows, in batch order. Its transpose is a reduce-scatter, so
+    each device's rows get the gradient summed over all devices that read them."""
+    return jax.lax.all_gather(x, self.axes, tiled=True) if self.axes else x
+
+  def first_row(self, local_rows: int):
+    """Global index of this device's first row."""
+    return jax.lax.axis_index(self.axes) * local_rows if self.axes else 0
+
+  def mean(self, local_values: jax.Array) -> jax.Array:
+    """Mean over the global batch of per-row values, from this device's rows."""
+    total = jnp.sum(local_values)
+    return (jax.lax.psum(total, self.axes) if self.axes else total) / (local_values.shape[0] * self.size)
+
+
+def run_on_batch_shards(fn: Callable, *, batched: dict, replicated: dict, batched_out: Any,
+                        mesh: Optional[Union[Mesh, AbstractMesh]] = None):
+  """``fn(shards, **batched, **replicated)`` on each device's rows of the batch, over ``DATA_AXES``.
+
+  ``mesh`` defaults to the current one (``jax.set_mesh``). Where its batch axes hold more than one device,
+  ``fn`` runs under `jax.shard_map`: the arrays of ``batched`` are split along their leading axis, those of
+  ``replicated`` are whole on every device, and ``fn`` reaches the other devices' rows only through
+  ``shards`` (a `BatchShards`). Otherwise ``fn(BatchShards(), ...)`` runs on the whole arrays.
+  ``batched_out`` is a pytree prefix of ``fn``'s output: True where an output is per-row (split like the
+  batch), False where it is the same on every device.
+  """
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  axes = tuple(axis for axis in DATA_AXES if axis in mesh.axis_names)
+  size = math.prod(mesh.shape[axis] for axis in axes)
+  if size == 1:
+    return fn(BatchShards(), **batched, **replicated)
+  for name, value in batched.items():
+    if value.shape[0] % size:
+      raise ValueError(f"{name} has shape {value.shape}: its {value.shape[0]} rows cannot be split evenly "
+                       f"over the {size} devices of the mesh axes {axes}")
+  spec = lambda is_batched: P(axes) if is_batched else P()
+  per_shard = jax.shard_map(lambda b, r: fn(BatchShards(axes, size), **b, **r), mesh=mesh,
+                            in_specs=(P(axes), P()), out_specs=jax.tree.map(spec, batched_out),
+                            axis_names=frozenset(axes))
+  return per_shard(batched, replicated)

@@ -339,7 +339,12 @@ def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
     # One process reads its own flag at no cost, so it checks every step; several agree by a collective.
     check_every = config.checkpoint.stop_check_every_steps if jax.process_count() > 1 else 1
     with preemption.StopRequests(max_minutes=config.checkpoint.max_minutes, check_every_steps=check_every) as stops:
-      return _train(_Run(config, workdir), stops)
+      run = _Run(config, workdir)
+      # The run's mesh is the current mesh wherever the step, evaluation, monitors and pictures are traced
+      # and run: a loss that compares each example with the whole global batch (sslx.losses.info_nce) finds
+      # it there and splits its work over the devices, with no mesh passed through the method.
+      with jax.set_mesh(run.mesh):
+        return _train(run, stops)
   finally:
     lock.release()
 

@@ -198,6 +198,30 @@ def test_attention_is_xla_on_this_cpu():
     vit.attention_implementation(config)
 
 
+def _numpy_attention(qkv):
+  """softmax(q k^T / sqrt(H)) v per head, float64, from (B, T, 3, N, H) to (B, T, N, H)."""
+  q, k, v = (np.moveaxis(qkv[:, :, i].astype(np.float64), 2, 1) for i in range(3))  # (B, N, T, H)
+  logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(qkv.shape[-1])
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.moveaxis((weights / weights.sum(-1, keepdims=True)) @ v, 1, 2)
+
+
+def test_xla_self_attention_is_the_formula_and_jax_s_function_with_its_gradients():
+  qkv = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 3, 2, 8)) * 2.0
+  out = attention.self_attention(qkv, "xla")
+  np.testing.assert_allclose(out, _numpy_attention(np.asarray(qkv)), rtol=1e-5, atol=1e-6)
+
+  def jax_reference(qkv):
+    return jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation="xla")
+
+  cotangent = jax.random.normal(jax.random.PRNGKey(1), out.shape)
+  grads = [jax.grad(lambda x, f=f: jnp.sum(f(x) * cotangent))(qkv)
+           for f in (lambda x: attention.self_attention(x, "xla"), jax_reference)]
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="'flash'"):
+    attention.self_attention(qkv, "flash")
+
+
 def _select(requested="auto", platform="cuda", dtype=jnp.bfloat16, head_dim=64, capability="9.0"):
   return attention.select_attention(requested, platform=platform, dtype=dtype, head_dim=head_dim,
                                     compute_capability=capability)

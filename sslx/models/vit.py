@@ -117,17 +117,22 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.La
                       bias_init=partitioned(nn.initializers.zeros, ("embed",)), name=name)
 
 
-def dense(features: int, axes: tuple, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
-  """A linear layer with MAE's init (xavier-uniform kernel, zero bias) and logical axes ``(in, out)``."""
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=partitioned(xavier_init, axes),
-                  bias_init=partitioned(nn.initializers.zeros, axes[1:]), name=name)
+def dense(features: int, axes: tuple, dtype: Dtype, param_dtype: Dtype, name: str):
+  """A linear layer with MAE's init (xavier-uniform kernel, zero bias) and logical axes ``(in, out)``.
+
+  Returns ``x (..., in) -> (..., features)``, applied to ``x`` as one matrix of rows: over ``(B, T, in)``
+  the weight gradient would contract two axes, and XLA:CPU then copies the output gradient into a transposed
+  layout first (that copy was a third of the quick-start MLP's backward pass, docs/benchmarks.md).
+  """
+  layer = nn.Dense(features, dtype=dtype, param_dtype=param_dtype, kernel_init=partitioned(xavier_init, axes),
+                   bias_init=partitioned(nn.initializers.zeros, axes[1:]), name=name)
+  return lambda x: layer(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], features)
 
 
 class Attention(nn.Module):
   """Multi-head self-attention with a fused, biased qkv projection.
 
-  ``implementation`` is ``jax.nn.dot_product_attention``'s: ``'xla'`` or ``'cudnn'`` (`sslx.models.attention`).
+  ``implementation``: ``'xla'`` or ``'cudnn'`` (`sslx.models.attention.self_attention`).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -143,9 +148,7 @@ class Attention(nn.Module):
     # 2-D kernels keep XLA's backward pass free of the transposes multi-axis DenseGeneral adds.
     qkv = dense(3 * width, ("embed", None), self.dtype, self.param_dtype, "qkv")(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
-    # (B, T, N, H) is the layout cuDNN's flash attention takes without a transpose.
-    out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                       implementation=self.implementation)
+    out = attention_lib.self_attention(qkv, self.implementation)
     return dense(width, (None, "embed"), self.dtype, self.param_dtype, "proj")(out.reshape(batch, tokens, width))
 
 
