@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
       name="adamw",                 # 'adamw' | 'lars' | 'sgd'
       base_lr=1.5e-4,               # lr = base_lr * batch_size / lr_batch_base
       lr_batch_base=256,
+      lr_scaling="linear",          # 'linear' (as above) | 'sqrt': base_lr * sqrt(batch_size / lr_batch_base)
       b1=0.9,                       # adamw
       b2=0.95,
       momentum=0.9,                 # sgd, lars

@@ -17,6 +17,7 @@ optimizer state; ``freeze_epochs`` parameters get zero updates for their first e
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -34,6 +35,7 @@ from sslx.models import vit
 Schedule = Callable[[Any], Any]  # step (int or traced) -> value
 
 OPTIMIZERS = ("adamw", "lars", "sgd")
+LR_SCALINGS = ("linear", "sqrt")
 
 # Kernels decay, nothing else: biases, norm scales, tokens and position tables are exempt, as in the MAE /
 # BEiT fine-tuning recipes and in the SimCLR / BYOL LARS recipes.
@@ -44,9 +46,10 @@ MAE_PRETRAIN_WD_MULTS = ((".*/bias$", 0.0), (".*(kernel|_token|pos_embed)$", 1.0
 
 # Used where a run's config predates a key, so old config.json files still load.
 _DEFAULTS = dict(
-    name="adamw", base_lr=1.5e-4, lr_batch_base=256, b1=0.9, b2=0.95, momentum=0.9, nesterov=False,
-    lars_trust_coefficient=0.001, weight_decay=0.05, weight_decay_end=None, wd_mults=DEFAULT_WD_MULTS,
-    lr_mults=(), frozen=(), freeze_epochs=(), grad_clip_norm=None, layer_decay=None)
+    name="adamw", base_lr=1.5e-4, lr_batch_base=256, lr_scaling="linear", b1=0.9, b2=0.95, momentum=0.9,
+    nesterov=False, lars_trust_coefficient=0.001, weight_decay=0.05, weight_decay_end=None,
+    wd_mults=DEFAULT_WD_MULTS, lr_mults=(), frozen=(), freeze_epochs=(), grad_clip_norm=None,
+    layer_decay=None)
 
 # key: (test, what the value must be); the value is already known to be a real number.
 _NUMBER_RANGES = {
@@ -109,9 +112,12 @@ def learning_rate_schedule(config, *, steps_per_epoch: int, total_steps: int) ->
   """Linear warm-up from 0 over ``warmup_epochs``, then half-cosine down to ``min_lr`` at ``total_steps``.
 
   ``lr_t = peak * t / W`` for ``t < W``, else ``min_lr + (peak - min_lr) (1 + cos(pi (t - W) / (T - W))) / 2``
-  with ``peak = base_lr * batch_size / lr_batch_base`` (the linear scaling rule), as in MAE.
+  with ``peak = base_lr * batch_size / lr_batch_base`` (the linear scaling rule, as in MAE), or with
+  ``lr_scaling='sqrt'`` ``peak = base_lr * sqrt(batch_size / lr_batch_base)`` (SimCLR's alternative for small
+  batches and long runs: 0.075 sqrt(batch) with ``lr_batch_base=1``).
   """
-  peak = _option(config, "base_lr") * config.batch_size / _option(config, "lr_batch_base")
+  ratio = config.batch_size / _option(config, "lr_batch_base")
+  peak = _option(config, "base_lr") * (math.sqrt(ratio) if _option(config, "lr_scaling") == "sqrt" else ratio)
   warmup = max(min(int(round(config.schedule.warmup_epochs * steps_per_epoch)), total_steps - 1), 0)
   min_lr = config.schedule.min_lr
 
@@ -280,6 +286,9 @@ def validate_optimizer_config(config) -> None:
       continue
     if not config_lib.is_number(value) or not test(value):
       raise ValueError(f"config.optimizer.{key}={value!r} {what}")
+  scaling = _option(config, "lr_scaling")
+  if scaling not in LR_SCALINGS:
+    raise ValueError(f"config.optimizer.lr_scaling={scaling!r} is not one of {LR_SCALINGS}")
   if not isinstance(_option(config, "nesterov"), bool):
     raise ValueError(f"config.optimizer.nesterov={_option(config, 'nesterov')!r} must be True or False")
   for key in ("wd_mults", "lr_mults", "freeze_epochs"):

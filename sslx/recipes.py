@@ -1,6 +1,8 @@
 """Published training recipes shared by several run configs in ``configs/``."""
 from __future__ import annotations
 
+from typing import Callable
+
 import ml_collections
 
 from sslx import config as config_lib
@@ -9,10 +11,19 @@ from sslx import methods
 from sslx import models
 from sslx import optim
 from sslx.methods import finetune
+from sslx.models import heads
 from sslx.models import vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def use_imagenet(config: ml_collections.ConfigDict) -> None:
+  """ImageNet-1k from TFDS (``imagenet2012``) at 224 px with its mean and std, 16 decoding workers."""
+  config.data.update(dict(
+      source="tfds", dataset="imagenet2012", split="train", eval_split="validation", image_size=224,
+      channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=16, prefetch=4))
+  config.monitor.num_classes = 1000  # known, so the monitor need not read labels to find it
 
 
 def mae_config(variant: str) -> ml_collections.ConfigDict:
@@ -37,10 +48,7 @@ def mae_imagenet(variant: str, arg: str | None) -> ml_collections.ConfigDict:
   """
   local = config_args.parse_arg(arg, local=False).local
   config = mae_config(variant)
-  config.data.update(dict(
-      source="tfds", dataset="imagenet2012", split="train", eval_split="validation", image_size=224,
-      channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=16, prefetch=4))
-  config.monitor.num_classes = 1000  # known, so the monitor need not read labels to find it
+  use_imagenet(config)
   config.batch_size = 4096
   config.num_epochs = 800
   config.schedule.warmup_epochs = 40.0
@@ -106,4 +114,164 @@ def supervised_resnet_fashion_mnist() -> ml_collections.ConfigDict:
   config.checkpoint.every_steps = 200
   config.log_every_steps = 20
   config.monitor.update(dict(knn_train_examples=2000, knn_test_examples=1000))
+  return config
+
+
+def simclr_view(size: int, *, color_strength: float = 1.0) -> str:
+  """SimCLR's augmentation of one view (Chen et al. 2020, Appendix A): random resized crop of 8-100% of the
+  area, flip, colour jitter of strength s (0.8 s, 0.8 s, 0.8 s, 0.2 s) with probability 0.8, grayscale with
+  probability 0.2, Gaussian blur (sigma in [0.1, 2], kernel ~10% of the side) with probability 0.5."""
+  return (f"random_resized_crop({size}, scale=(0.08, 1.0), interpolation='bicubic')|hflip"
+          f"|color_jitter({color_strength}, p=0.8)|grayscale(p=0.2)|blur(p=0.5, sigma=(0.1, 2.0))")
+
+
+def mocov2_view(size: int) -> str:
+  """MoCo v2's "aug+" (its main_moco.py): random resized crop of 20-100% (bilinear), colour jitter (0.4, 0.4,
+  0.4, 0.1) with probability 0.8, grayscale 0.2, Gaussian blur (sigma in [0.1, 2]) 0.5, flip. MoCo blurs
+  with PIL's radius-sigma filter; ours is SimCLR's kernel of ~10% of the side."""
+  return (f"random_resized_crop({size}, scale=(0.2, 1.0), interpolation='bilinear')"
+          "|color_jitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8)|grayscale(p=0.2)"
+          "|blur(p=0.5, sigma=(0.1, 2.0))|hflip")
+
+
+# Fashion-MNIST is 28x28 grey garments, centred: no saturation, hue or grayscale to vary, and at 28 px a
+# blur (a 3 px kernel) smooths away much of the little texture there is (SimCLR drops blur on CIFAR too).
+# Crops keep at least 20% of the area (8% of 28 px is an 8x8 patch, often blank background), flips keep the
+# label, and brightness / contrast jitter is the photometric change a grey image has.
+FASHION_MNIST_VIEW = ("random_resized_crop(28, scale=(0.2, 1.0))|hflip"
+                      "|color_jitter(brightness=0.4, contrast=0.4, saturation=0.0, hue=0.0, p=0.8)")
+
+
+def _resnet50_imagenet(method: str, view: Callable[[int], str]) -> ml_collections.ConfigDict:
+  """ResNet-50 and ``method`` on ImageNet with two views made by ``view(size)``."""
+  config = config_lib.base_config()
+  config.model = models.default_config("resnet", variant="50")
+  config.method = methods.default_config(method)
+  use_imagenet(config)
+  config.data.views = (view(config.data.image_size),) * 2
+  config.checkpoint.every_steps = 1000
+  config.log_every_steps = 100
+  return config
+
+
+def _shrink_for_cpu(config: ml_collections.ConfigDict, view: Callable[[int], str]) -> None:
+  """``:local``: ResNet-50 at width 8 on 32 px crops, batch 8, 20 steps: a check of the set-up, not a
+  recipe."""
+  config.model.width = 8
+  config.data.update(dict(image_size=32, num_workers=0, prefetch=1))
+  config.data.views = (view(32),) * 2
+  config.batch_size = 8
+  config.total_steps = 20
+  config.checkpoint.every_steps = 10
+  config.log_every_steps = 5
+
+
+def simclr_imagenet(arg: str | None) -> ml_collections.ConfigDict:
+  """SimCLR ResNet-50 pretraining on ImageNet-1k as in Chen et al. 2020 (v1 Appendix B.1; v2's head).
+
+  Global batch 4096, two `simclr_view` views (colour strength 1), NT-Xent at temperature 0.1, SimCLR v2's
+  3-layer projection head (2048-2048-128, BatchNorm on every layer); LARS (momentum 0.9, trust coefficient
+  0.001) with lr 0.3 x batch / 256, or with ``lr=sqrt`` 0.075 x sqrt(batch) (the paper's choice for small
+  batches and long runs), 10 warm-up epochs then half-cosine to 0, weight decay 1e-6 on kernels only
+  (biases and BatchNorm parameters neither decay nor get LARS's trust ratio, as in the reference code).
+
+  Arguments: ``epochs=N`` (default 100; the paper's best ResNet-50 ran 1000); ``lr=linear|sqrt``;
+  ``head=v2|v1`` (v1: the 2-layer head); ``local``: see `_shrink_for_cpu`.
+  """
+  args = config_args.parse_arg(arg, local=False, epochs=100, lr="linear", head="v2",
+                               choices=dict(lr=("linear", "sqrt"), head=("v2", "v1")))
+  config = _resnet50_imagenet("simclr", simclr_view)
+  config.method.head = heads.simclr_v2_head() if args.head == "v2" else heads.simclr_v1_head()
+  config.batch_size = 4096
+  config.num_epochs = args.epochs
+  config.optimizer.update(dict(name="lars", base_lr=0.3, momentum=0.9, weight_decay=1e-6,
+                               wd_mults=optim.DEFAULT_WD_MULTS))
+  if args.lr == "sqrt":
+    config.optimizer.update(dict(base_lr=0.075, lr_batch_base=1, lr_scaling="sqrt"))
+  config.schedule.update(dict(warmup_epochs=10.0, min_lr=0.0))
+  if args.local:
+    _shrink_for_cpu(config, simclr_view)
+  return config_lib.finalize(config)
+
+
+def mocov2_imagenet(arg: str | None) -> ml_collections.ConfigDict:
+  """MoCo v2 ResNet-50 pretraining on ImageNet-1k as in Chen et al. 2020 (facebookresearch/moco).
+
+  Global batch 256, two `mocov2_view` ("aug+") views, InfoNCE at temperature 0.2 against a queue of 65,536
+  keys, key encoder momentum 0.999, 2-layer head (2048-2048-128, no BatchNorm), BatchNorm in 8 groups of 32
+  (MoCo's 8 GPUs) with the keys' groups shuffled; SGD (momentum 0.9) with lr 0.03 x batch / 256, no warm-up,
+  half-cosine to 0 over 200 epochs, weight decay 1e-4 on every parameter (torch's SGD decays them all).
+
+  Arguments: ``epochs=N`` (default 200; MoCo v2's best ran 800); ``local``: see `_shrink_for_cpu` (and a
+  queue of 4 batches in 2 BatchNorm groups).
+  """
+  args = config_args.parse_arg(arg, local=False, epochs=200)
+  config = _resnet50_imagenet("moco", mocov2_view)
+  config.batch_size = 256
+  config.num_epochs = args.epochs
+  config.optimizer.update(dict(name="sgd", base_lr=0.03, momentum=0.9, weight_decay=1e-4,
+                               wd_mults=((".*", 1.0),)))
+  config.schedule.update(dict(warmup_epochs=0.0, min_lr=0.0))
+  config.model.bn_groups = 8
+  if args.local:
+    _shrink_for_cpu(config, mocov2_view)
+    config.method.queue_size = 32
+    config.model.bn_groups = 2
+  return config_lib.finalize(config)
+
+
+def _contrastive_fashion_mnist(method: str) -> ml_collections.ConfigDict:
+  """A ResNet-18 with the small-image stem at half width (32: 256 features) on two `FASHION_MNIST_VIEW`
+  views of Fashion-MNIST, batch 256, 2 epochs, ending with kNN and linear-probe accuracy beside a random
+  encoder's (as the MAE quick start)."""
+  config = config_lib.base_config()
+  config.model = models.default_config("resnet", variant="18", small_images=True, width=32)
+  config.method = methods.default_config(method)
+  config.data.views = (FASHION_MNIST_VIEW,) * 2
+  config.batch_size = 256
+  config.num_epochs = 2
+  config.checkpoint.every_steps = 200
+  config.log_every_steps = 20
+  config.eval.after_pretrain = True
+  config.eval.max_train_examples = 10_000
+  config.monitor.update(dict(knn_train_examples=2000, knn_test_examples=1000))
+  return config
+
+
+def shrink_fashion_mnist_for_tests(config: ml_collections.ConfigDict) -> None:
+  """``:test`` of the contrastive Fashion-MNIST configs: 6 steps of a ResNet-18 of width 8 at batch 32."""
+  config.model.width = 8
+  config.batch_size = 32
+  config.total_steps = 6
+  config.checkpoint.every_steps = 3
+  config.log_every_steps = 2
+  config.eval.after_pretrain = False
+  config.eval.batch_size = 100
+  config.monitor.update(dict(knn_train_examples=200, knn_test_examples=100, probe_batch_size=8))
+
+
+def simclr_fashion_mnist() -> ml_collections.ConfigDict:
+  """SimCLR on Fashion-MNIST (`_contrastive_fashion_mnist`): the SimCLR v2 head at the encoder's width
+  (256-256-128), temperature 0.2, LARS lr 0.5 x batch / 256 with a 0.2-epoch warm-up, weight decay 1e-6 on
+  kernels. Chosen for a 2-epoch CPU run, not tuned. Unlocked."""
+  config = _contrastive_fashion_mnist("simclr")
+  config.method.temperature = 0.2
+  config.optimizer.update(dict(name="lars", base_lr=0.5, momentum=0.9, weight_decay=1e-6))
+  config.schedule.update(dict(warmup_epochs=0.2, min_lr=0.0))
+  return config
+
+
+def mocov2_fashion_mnist() -> ml_collections.ConfigDict:
+  """MoCo v2 on Fashion-MNIST (`_contrastive_fashion_mnist`): a queue of 4096 keys (16 batches, 7% of the
+  training set), key momentum 0.99 (0.999 would average over more steps than the 468 of the run),
+  temperature 0.2, the 2-layer head at 512-128, 8 BatchNorm groups of 32; SGD lr 0.06 x batch / 256,
+  momentum 0.9, weight decay 5e-4 on every parameter, no warm-up. Chosen for a 2-epoch CPU run, not tuned.
+  Unlocked."""
+  config = _contrastive_fashion_mnist("moco")
+  config.method.update(dict(queue_size=4096, momentum=0.99))
+  config.method.head.hidden_dim = 512
+  config.model.bn_groups = 8
+  config.optimizer.update(dict(name="sgd", base_lr=0.06, momentum=0.9, weight_decay=5e-4,
+                               wd_mults=((".*", 1.0),)))
+  config.schedule.update(dict(warmup_epochs=0.0, min_lr=0.0))
   return config

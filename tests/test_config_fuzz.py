@@ -156,10 +156,29 @@ _RESNET = {
     "method.ema_decay": (None, 0.9, 0.9999),
     "method.embed_from": ("online", "ema"),
 }
+_CONTRASTIVE = {
+    "model.variant": ("18", "50"),
+    "model.width": (1, 4, 8),
+    "model.bn_groups": (1, 2, 3, 4, 64),
+    "method.temperature": (0.1, 0.5, 0.0),
+    "method.head.num_layers": (1, 2, 3),
+    "method.head.hidden_dim": (None, 8, 2048),
+    "method.head.out_dim": (8, 128),
+    "method.head.batch_norm": (True, False),
+    "method.head.kernel_init_std": (None, 0.01, 1.0),
+    "data.views": (("random_resized_crop(28)|hflip",) * 2,
+                   ("random_resized_crop(28)", "random_resized_crop(14)"), ("random_resized_crop(28)",) * 3),
+}
+_MOCO = {
+    "method.queue_size": (16, 32, 64, 48, 65536),
+    "method.momentum": (0.0, 0.99, 0.999, 1.0),
+}
 _JUNK = st.sampled_from(JUNK_KINDS).flatmap(st.sampled_from)
 BASES = {
     "mae": (tiny_run_config, {**_COMMON, **_VIT}),
     "resnet": (lambda: load_config("supervised_fashion_mnist", "test"), {**_COMMON, **_RESNET}),
+    "simclr": (lambda: load_config("simclr_fashion_mnist", "test"), {**_COMMON, **_CONTRASTIVE}),
+    "moco": (lambda: load_config("mocov2_fashion_mnist", "test"), {**_COMMON, **_CONTRASTIVE, **_MOCO}),
 }
 
 

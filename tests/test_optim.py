@@ -70,6 +70,13 @@ def _assert_trees_close(got, want, **tolerance):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, **tolerance), got, want)
 
 
+def test_square_root_scaling_of_the_learning_rate():
+  """SimCLR's alternative to the linear rule: 0.075 sqrt(batch) with lr_batch_base 1."""
+  config = _config(base_lr=0.075, lr_batch_base=1, lr_scaling="sqrt")
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch=10, total_steps=100)
+  assert float(schedule(0)) == pytest.approx(0.075 * math.sqrt(512))
+
+
 def test_schedule_matches_mae_formula():
   config = _config(schedule=dict(warmup_epochs=2.0, min_lr=1e-6), base_lr=1.5e-4)
   steps_per_epoch, total = 10, 100
@@ -314,7 +321,8 @@ def test_layer_decay_step_is_adamw_with_a_per_layer_learning_rate():
 
 @pytest.mark.parametrize("key, value", [
     ("name", "adam"), ("base_lr", -1.0), ("lr_batch_base", 0), ("b1", 1.0), ("b2", -0.1), ("momentum", 1.0),
-    ("nesterov", "yes"), ("lars_trust_coefficient", 0.0), ("weight_decay", -0.05), ("weight_decay_end", -1.0),
+    ("nesterov", "yes"), ("lr_scaling", "log"), ("lars_trust_coefficient", 0.0), ("weight_decay", -0.05),
+    ("weight_decay_end", -1.0),
     ("grad_clip_norm", 0.0), ("layer_decay", 1.5), ("layer_decay", 0.0),
     ("wd_mults", ".*/kernel$"), ("wd_mults", ((".*/kernel$",),)), ("wd_mults", (("(", 1.0),)),
     ("wd_mults", ((".*", -1.0),)), ("lr_mults", ((".*", "2"),)), ("lr_mults", ((1, 2.0),)),

@@ -144,6 +144,32 @@ def test_running_variance_is_unbiased_unlike_flax_batch_norm():
   np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * biased, rtol=1e-6)
 
 
+def test_ghost_batch_norm_normalises_each_group_by_its_own_statistics():
+  # Rows of growing scale, so that every group's statistics differ.
+  x = np.random.default_rng(3).normal(size=(6, 2, 2, 4)).astype(np.float32)
+  x *= np.arange(1, 7, dtype=np.float32)[:, None, None, None]
+  grouped, whole = resnet.BatchNorm(groups=3), resnet.BatchNorm()
+  variables = whole.init(jax.random.PRNGKey(0), x, train=False)
+  out, updates = grouped.apply(variables, x, train=True, mutable=["batch_stats"])
+  parts = [whole.apply(variables, x[i:i + 2], train=True, mutable=["batch_stats"]) for i in (0, 2, 4)]
+  np.testing.assert_allclose(out, np.concatenate([part for part, _ in parts]), rtol=1e-5, atol=1e-6)
+  for name in ("mean", "var"):  # the mean of the three groups' own updates
+    expected = np.mean([stats["batch_stats"][name] for _, stats in parts], axis=0)
+    np.testing.assert_allclose(updates["batch_stats"][name], expected, rtol=1e-6)
+  in_eval = [model.apply(variables, x, train=False) for model in (grouped, whole)]
+  np.testing.assert_array_equal(*in_eval)  # evaluation reads the running averages, whatever the groups
+  with pytest.raises(ValueError, match="a batch of 6 rows cannot be split into 4 BatchNorm groups"):
+    resnet.BatchNorm(groups=4).apply(variables, x, train=True, mutable=["batch_stats"])
+
+
+def test_scale_only_batch_norm_has_no_bias():
+  x = np.random.default_rng(4).normal(size=(8, 3)).astype(np.float32) + 5
+  variables = resnet.BatchNorm(use_bias=False).init(jax.random.PRNGKey(0), x, train=False)
+  assert set(variables["params"]) == {"scale"}
+  out, _ = resnet.BatchNorm(use_bias=False).apply(variables, x, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(out.mean(axis=0), 0, atol=1e-5)
+
+
 @pytest.mark.parametrize("bottleneck,last_bn", [(False, "bn2"), (True, "bn3")])
 def test_zero_init_last_bn_zeroes_the_last_scale_of_every_block_only(bottleneck, last_bn):
   assert resnet.from_config(_config("50", zero_init_last_bn=True)).zero_init_last_bn
@@ -236,7 +262,10 @@ def test_bad_config_names_the_key():
     resnet.validate_config(_config("50", pooling="cls"), 224)
   with pytest.raises(ValueError, match=r"config.model.dtype"):
     resnet.validate_config(_config("50", dtype="float64"), 224)
+  with pytest.raises(ValueError, match=r"config.model.bn_groups=0"):
+    resnet.validate_config(_config("50", bn_groups=0), 224)
   resnet.validate_config(_config("50"), 224)
+  assert resnet.from_config(_config("18", bn_groups=8)).bn_groups == 8
 
 
 def test_converter_rejects_keys_of_other_models():

@@ -102,6 +102,8 @@ def online_encoder(encoder, scope: str = "encoder"):
 
 _REGISTRY = {
     "mae": "sslx.methods.mae",
+    "simclr": "sslx.methods.simclr",
+    "moco": "sslx.methods.moco",
     # Supervised training of an encoder (fine-tuning a pretrained one, or from scratch) is the same kind of
     # bundle, trained by the same loop.
     "finetune": "sslx.methods.finetune",

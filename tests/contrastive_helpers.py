@@ -1,0 +1,119 @@
+"""Shared by the SimCLR and MoCo tests: command-line runs of their Fashion-MNIST ``:test`` configs, the same
+run on 8 devices, and checkpoints read back as numpy."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The monitors' kNN and probe reports are tested elsewhere; off, each run is ~10 s shorter. Every step's loss
+# and state are kept, for comparisons step by step.
+FLAGS = ("--config.monitor.every_steps=0", "--config.log_every_steps=1", "--config.checkpoint.every_steps=1",
+         "--config.checkpoint.max_to_keep=6")
+
+
+def env(num_devices=1):
+  environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
+                     JAX_PLATFORMS="cpu")
+  environment["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                              f"--xla_force_host_platform_device_count={num_devices}")
+  return environment
+
+
+def cli(config_name, workdir, *flags):
+  """``python -m sslx.main --config=configs/<config_name>.py:test`` on one CPU device; returns its stdout."""
+  result = subprocess.run([sys.executable, "-m", "sslx.main", f"--config=configs/{config_name}.py:test",
+                           f"--workdir={workdir}", *FLAGS, *flags], env=env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def read_state(workdir, step):
+  """The train state saved at ``step`` as numpy arrays keyed by their path, e.g. ``['params']['head']...``."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  tree = checkpointer.metadata(path).item_metadata.tree
+  numpy_leaves = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                              is_leaf=lambda leaf: hasattr(leaf, "shape"))
+  state = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=numpy_leaves))
+  return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return {row["step"]: row for row in map(json.loads, f) if "loss" in row}
+
+
+def assert_resumes_exactly(config_name, workdir, tmp_path):
+  """As if the run had been killed right after saving step 3: the same command resumes it, and steps 4-6
+  log the same losses and end in the same state, bit for bit (queue and BatchNorm statistics included)."""
+  expected_rows, expected_state = rows(workdir), read_state(workdir, 6)
+  killed = tmp_path / "killed"
+  shutil.copytree(workdir, killed)
+  for step in (4, 5, 6):
+    shutil.rmtree(killed / "checkpoints" / str(step))
+  out = cli(config_name, killed)
+  assert f"Resumed from {killed / 'checkpoints'}/3" in out
+  resumed = rows(killed)
+  assert [resumed[step]["loss"] for step in (4, 5, 6)] == [expected_rows[step]["loss"] for step in (4, 5, 6)]
+  state = read_state(killed, 6)
+  assert state.keys() == expected_state.keys()
+  for name, value in expected_state.items():
+    np.testing.assert_array_equal(state[name], value, err_msg=name)
+
+
+# Trains the :test config on 8 devices (sys.argv: config name, workdir) and checks that every replicated array
+# of the final state (parameters, BatchNorm statistics, MoCo's queue) holds the same values on every device.
+EIGHT_DEVICES = """
+import sys
+import jax, numpy as np
+from sslx import train
+from test_configs import load_config
+config = load_config(sys.argv[1], "test")
+config.unlock()
+config.monitor.every_steps = 0
+config.log_every_steps = 1
+config.checkpoint.update(dict(every_steps=1, max_to_keep=6))
+state, _ = train.train(config, sys.argv[2])
+assert jax.device_count() == 8
+for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+  if leaf.sharding.is_fully_replicated:
+    shards = [np.asarray(shard.data) for shard in leaf.addressable_shards]
+    assert len(shards) == 8 and all(np.array_equal(shard, shards[0]) for shard in shards), path
+print("replicated arrays agree")
+"""
+
+
+def train_on_eight_devices(config_name, workdir):
+  result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, config_name, str(workdir)], env=env(8),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "replicated arrays agree" in result.stdout
+
+
+def assert_same_steps(eight_dir, one_dir, steps=2):
+  """In its first ``steps`` steps the 8-device run logged the 1-device losses and reached the same states
+  (parameters, optimizer state, BatchNorm statistics, method state), up to float32 reduction order (~1e-6).
+
+  Later steps drift further apart, and not from the sharding: a freshly initialised encoder maps every image
+  to nearly the same direction, so the contrastive gradients are differences of nearly equal similarities,
+  where rounding at 1e-7 becomes 1e-4 (MoCo: once real keys replace the random queue at step 3).
+  """
+  one_rows, eight_rows = rows(one_dir), rows(eight_dir)
+  for step in range(1, steps + 1):
+    np.testing.assert_allclose(eight_rows[step]["loss"], one_rows[step]["loss"], rtol=1e-5,
+                               err_msg=f"step {step}")
+    one, eight = read_state(one_dir, step), read_state(eight_dir, step)
+    assert one.keys() == eight.keys()
+    for name, value in one.items():
+      # Leaves that start at 0 (biases, momentum traces) hold only an update or two of ~1e-4.
+      atol = 1e-7 + 1e-5 * float(np.abs(value).max())
+      np.testing.assert_allclose(eight[name], value, rtol=1e-4, atol=atol, err_msg=f"step {step}: {name}")
+
