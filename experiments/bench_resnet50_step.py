@@ -15,14 +15,11 @@ computes in bfloat16 (torch through autocast) with float32 parameters on both si
       --out=resnet50_step.json                                                                 # GPU
 """
 import datetime
-import importlib.util
 import json
 import os
 import platform
 import statistics
-import sys
 import time
-import types
 
 import flax
 import flax.linen as nn
@@ -32,6 +29,8 @@ import optax
 from absl import app, flags
 
 from sslx.models import resnet
+
+from torch_peers import torchvision_resnet50
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per step.", lower_bound=1)
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Image side in pixels.", lower_bound=32)
@@ -115,27 +114,10 @@ def bench_sslx(dtype: str) -> dict:
           "device": jax.devices()[0].device_kind}
 
 
-def _torchvision_resnet50():
-  """``torchvision.models.resnet50``, also where torchvision's compiled ops do not load.
-
-  PyPI's torchvision wheels are linked against CUDA torch; beside the CPU-only torch build
-  ``import torchvision`` fails while registering its ops (detection ops, unused here). The model
-  definitions are pure Python, so they are then imported from a bare package that skips the ops.
-  """
-  try:
-    import torchvision  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except RuntimeError:
-    package = types.ModuleType("torchvision")
-    package.__path__ = list(importlib.util.find_spec("torchvision").submodule_search_locations)
-    sys.modules["torchvision"] = package
-  from torchvision.models import resnet50  # pylint: disable=g-import-not-at-top
-  return resnet50
-
-
 def bench_torchvision(dtype: str, threads: int) -> dict:
   """Times ``torchvision.models.resnet50`` with ``torch.optim.SGD``; returns seconds per step."""
   import torch  # pylint: disable=g-import-not-at-top  (the peer is optional)
-  resnet50 = _torchvision_resnet50()
+  resnet50 = torchvision_resnet50()
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   if device == "cpu":
