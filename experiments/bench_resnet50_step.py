@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import time
 
 import flax
@@ -30,6 +29,7 @@ from absl import app, flags
 
 from sslx.models import resnet
 
+from step_timing import median_step_seconds
 from torch_peers import torchvision_resnet50
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per step.", lower_bound=1)
@@ -58,20 +58,6 @@ class Classifier(nn.Module):
   def __call__(self, images, *, train: bool):
     features, _ = resnet.ResNet(**resnet.VARIANTS["50"], dtype=self.dtype, name="encoder")(images, train=train)
     return nn.Dense(NUM_CLASSES, dtype=self.dtype, name="fc")(features)
-
-
-def _median_step_seconds(run_step, sync) -> float:
-  """Median wall time of ``--steps`` individually synchronised steps after ``--warmup`` untimed ones."""
-  for _ in range(_WARMUP.value):
-    run_step()
-  sync()
-  times = []
-  for _ in range(_STEPS.value):
-    start = time.perf_counter()
-    run_step()
-    sync()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def bench_sslx(dtype: str) -> dict:
@@ -109,7 +95,8 @@ def bench_sslx(dtype: str) -> dict:
     nonlocal state, loss
     state, loss = compiled(state, images, labels)
 
-  seconds = _median_step_seconds(run_step, lambda: jax.block_until_ready(state))
+  seconds = median_step_seconds(run_step, lambda: jax.block_until_ready(state), warmup=_WARMUP.value,
+                                steps=_STEPS.value)
   return {"seconds_per_step": seconds, "compile_s": compile_s, "loss": float(loss),
           "device": jax.devices()[0].device_kind}
 
@@ -146,7 +133,7 @@ def bench_torchvision(dtype: str, threads: int) -> dict:
   sync = torch.cuda.synchronize if device == "cuda" else lambda: None
   # One extra untimed step stands in for JAX's separate compilation (and torch.compile's).
   run_step()
-  seconds = _median_step_seconds(run_step, sync)
+  seconds = median_step_seconds(run_step, sync, warmup=_WARMUP.value, steps=_STEPS.value)
   device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
   return {"seconds_per_step": seconds, "loss": loss.item(), "device": device_name, "torch": torch.__version__,
           "threads": torch.get_num_threads() if device == "cpu" else None}

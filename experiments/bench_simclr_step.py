@@ -18,7 +18,6 @@ torchvision is imported as in `bench_resnet50_step.py` (its compiled ops need no
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -32,6 +31,7 @@ from sslx import recipes
 from sslx import train
 from sslx.methods import RunLength, build_method
 
+from step_timing import median_step_seconds
 from torch_peers import torchvision_resnet50
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images per step (each in two views).", lower_bound=2)
@@ -45,19 +45,6 @@ _OUT = flags.DEFINE_string("out", None, "Append every number as one JSON line to
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # sets the length of the recipe's learning-rate schedule
 TEMPERATURE = 0.1
-
-
-def _median_seconds(run_step, sync) -> float:
-  for _ in range(_WARMUP.value):
-    run_step()
-  sync()
-  times = []
-  for _ in range(_STEPS.value):
-    start = time.perf_counter()
-    run_step()
-    sync()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _config():
@@ -90,7 +77,8 @@ def bench_sslx() -> dict:
     nonlocal state, metrics
     state, metrics = compiled(state, inputs)
 
-  seconds = _median_seconds(run_step, lambda: jax.block_until_ready(state))
+  seconds = median_step_seconds(run_step, lambda: jax.block_until_ready(state), warmup=_WARMUP.value,
+                                steps=_STEPS.value)
   return dict(seconds_per_step=seconds, compile_s=compile_s, loss=float(metrics["loss"]),
               device=jax.devices()[0].device_kind)
 
@@ -140,7 +128,7 @@ def bench_torch() -> dict:
 
   sync = torch.cuda.synchronize if device == "cuda" else lambda: None
   run_step()  # stands in for JAX's separate compilation
-  seconds = _median_seconds(run_step, sync)
+  seconds = median_step_seconds(run_step, sync, warmup=_WARMUP.value, steps=_STEPS.value)
   return dict(seconds_per_step=seconds, loss=loss.item(), torch=torch.__version__,
               device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
 

@@ -35,6 +35,14 @@ def cli(config_name, workdir, *flags):
   return result.stdout
 
 
+def fresh_cli_run(config_name, tmp_path_factory):
+  """The ``:test`` config of ``config_name`` run from the command line into a fresh workdir (6 steps, a
+  checkpoint after every step); returns the workdir."""
+  workdir = tmp_path_factory.mktemp(config_name) / "run"
+  assert "done: step 6" in cli(config_name, workdir)
+  return workdir
+
+
 def read_state(workdir, step):
   """The train state saved at ``step`` as numpy arrays keyed by their path, e.g. ``['params']['head']...``."""
   checkpointer = ocp.PyTreeCheckpointer()

@@ -23,10 +23,7 @@ CONFIG = "mocov2_fashion_mnist"
 def cli_run(tmp_path_factory):
   """The :test config from the command line: 6 steps at batch 32, a queue of 2 batches, 2 BatchNorm groups,
   a checkpoint after every step."""
-  workdir = tmp_path_factory.mktemp("moco") / "run"
-  out = helpers.cli(CONFIG, workdir)
-  assert "done: step 6" in out
-  return workdir
+  return helpers.fresh_cli_run(CONFIG, tmp_path_factory)
 
 
 def _config(**overrides):

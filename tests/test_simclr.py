@@ -21,10 +21,7 @@ CONFIG = "simclr_fashion_mnist"
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
   """The :test config from the command line: 6 steps at batch 32, a checkpoint after every step."""
-  workdir = tmp_path_factory.mktemp("simclr") / "run"
-  out = helpers.cli(CONFIG, workdir)
-  assert "done: step 6" in out
-  return workdir
+  return helpers.fresh_cli_run(CONFIG, tmp_path_factory)
 
 
 def _tiny_method(**method_overrides):
