@@ -5,7 +5,7 @@ r"""MoCo v2 on Fashion-MNIST with a half-width ResNet-18 (small-image stem): pre
 Augmentations (both views) as configs/simclr_fashion_mnist.py: random resized crop of 20-100%, horizontal
 flip, brightness and contrast jitter (0.4, probability 0.8); no saturation, hue, grayscale or blur on 28 px
 grey garments. The recipe (queue of 4096 keys, key momentum 0.99, SGD): `sslx.recipes.mocov2_fashion_mnist`.
-Measured on 2 shared CPU cores: ~80 images/s (the key view goes forward only), so ~25 minutes for 2 epochs.
+Measured on 2 shared CPU cores: ~70 images/s (the key view goes forward only), so ~29 minutes for 2 epochs.
 
 Arguments: ``epochs=N`` (default 2); ``test``: 6 steps of a ResNet-18 of width 8 at batch 32 with a queue of
 2 batches in 2 BatchNorm groups, for the tests.

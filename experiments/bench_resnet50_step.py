@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
+from sslx import xla_options
 from sslx.models import resnet
 
 from step_timing import median_step_seconds
@@ -85,9 +86,9 @@ def bench_sslx(dtype: str) -> dict:
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
 
-  state = jax.jit(init)(jax.random.PRNGKey(0))
+  state = xla_options.jit(init)(jax.random.PRNGKey(0))
   start = time.perf_counter()
-  compiled = jax.jit(train_step, donate_argnums=(0,)).lower(state, images, labels).compile()
+  compiled = xla_options.jit(train_step, donate_argnums=(0,)).lower(state, images, labels).compile()
   compile_s = time.perf_counter() - start
   loss = None
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from sslx import optim
 from sslx import recipes
 from sslx import train
+from sslx import xla_options
 from sslx.methods import RunLength, build_method
 
 from step_timing import median_step_seconds
@@ -63,12 +64,12 @@ def bench_sslx() -> dict:
   tx, schedules = optim.build_optimizer(config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
   method = build_method(config, RunLength(steps_per_epoch, total_steps))
   batch, size = config.batch_size, config.data.image_size
-  state = jax.jit(lambda rng: nn.unbox(train.init_train_state(method, tx, rng, (size, size, 3))))(
+  state = xla_options.jit(lambda rng: nn.unbox(train.init_train_state(method, tx, rng, (size, size, 3))))(
       jax.random.PRNGKey(config.seed))
   views = jax.random.normal(jax.random.PRNGKey(1), (2, batch, size, size, 3))
   inputs = {"view_0": views[0], "view_1": views[1], "label": jnp.zeros((batch,), jnp.int32)}
   start = time.perf_counter()
-  compiled = jax.jit(train.make_train_step(method, tx, schedules), donate_argnums=(0,)).lower(
+  compiled = xla_options.jit(train.make_train_step(method, tx, schedules), donate_argnums=(0,)).lower(
       state, inputs).compile()
   compile_s = time.perf_counter() - start
   metrics = {}

@@ -43,6 +43,7 @@ from sslx import optim
 from sslx import parallel
 from sslx import profiling
 from sslx import train
+from sslx import xla_options
 from sslx.data import device_augment as device_augment_lib
 from sslx.data import pipeline
 from sslx.methods import RunLength, build_method
@@ -128,12 +129,12 @@ def build_step(config) -> _Step:
   rng = jax.random.PRNGKey(config.seed)
   state_sharding = parallel.shardings_from_logical(jax.eval_shape(init_fn, rng), mesh,
                                                    parallel.logical_axis_rules(config.parallel.fsdp))
-  state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_sharding)(rng)
+  state = xla_options.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_sharding)(rng)
   device_augment = device_augment_lib.build_device_augmentation(config.data)
-  step = jax.jit(train.make_train_step(method, tx, schedules, probe=probe, prepare_batch=device_augment,
-                                       skip_non_finite=config.nan_policy == "skip"),
-                 in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=(0,))
+  step = xla_options.jit(train.make_train_step(method, tx, schedules, probe=probe, prepare_batch=device_augment,
+                                               skip_non_finite=config.nan_policy == "skip"),
+                         in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, parallel.replicated(mesh)), donate_argnums=(0,))
   batch = parallel.global_batch(host_batch, batch_sharding)
   start = time.perf_counter()
   compiled = step.lower(state, batch).compile()

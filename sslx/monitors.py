@@ -33,6 +33,7 @@ import optax
 from absl import logging
 
 from sslx import parallel
+from sslx import xla_options
 from sslx.data import pipeline
 from sslx.evaluate import diagnostics
 from sslx.evaluate import knn
@@ -159,8 +160,9 @@ def make_held_out_evaluation(method, config, mesh, state_sharding) -> Optional[C
     return None
   batch_sharding = parallel.batch_sharding(mesh)
   variables_sharding = {"params": state_sharding.params, **state_sharding.model_state}
-  evaluate = jax.jit(method.evaluate, in_shardings=(variables_sharding, state_sharding.method_state, batch_sharding),
-                     out_shardings=parallel.replicated(mesh))
+  evaluate = xla_options.jit(method.evaluate,
+                              in_shardings=(variables_sharding, state_sharding.method_state, batch_sharding),
+                              out_shardings=parallel.replicated(mesh))
 
   def run(state) -> dict[str, float]:
     loader = pipeline.make_eval_loader(config.data, split=config.data.eval_split,

@@ -33,6 +33,7 @@ from sslx import profiling
 from sslx import results as results_lib
 from sslx import run_lock
 from sslx import viz
+from sslx import xla_options
 from sslx.data import device_augment as device_augment_lib
 from sslx.data import pipeline
 from sslx.data import prefetch
@@ -177,7 +178,7 @@ class _Run:
         all_agree=preemption.all_processes, barrier=preemption.barrier, is_lead=self.is_lead, log=self.log)
     if restored is None:
       self._refuse_to_forget_moved_checkpoints()
-      state = jax.jit(lambda r: nn.unbox(self._init_fn(r)), out_shardings=self.state_sharding)(rng)
+      state = xla_options.jit(lambda r: nn.unbox(self._init_fn(r)), out_shardings=self.state_sharding)(rng)
       mappings = init_from.parse_mappings(self.config.init_from)
       if mappings:
         state = self._initialised_from(state, mappings)
@@ -356,18 +357,19 @@ def _train(run: _Run, stops: preemption.StopRequests) -> tuple[TrainState, dict[
   if start_step >= run.total_steps:
     return state, _finished_already(run, start_step)
   device_augment = device_augment_lib.build_device_augmentation(cfg.data)
-  train_step = jax.jit(make_train_step(run.method, run.tx, run.schedules, probe=run.probe,
-                                       prepare_batch=device_augment, skip_non_finite=cfg.nan_policy == "skip"),
-                       in_shardings=(run.state_sharding, run.batch_sharding),
-                       out_shardings=(run.state_sharding, parallel.replicated(run.mesh)),
-                       donate_argnums=(0,))
+  train_step = xla_options.jit(make_train_step(run.method, run.tx, run.schedules, probe=run.probe,
+                                               prepare_batch=device_augment,
+                                               skip_non_finite=cfg.nan_policy == "skip"),
+                               in_shardings=(run.state_sharding, run.batch_sharding),
+                               out_shardings=(run.state_sharding, parallel.replicated(run.mesh)),
+                               donate_argnums=(0,))
   held_out = monitors.make_held_out_evaluation(run.method, cfg, run.mesh, run.state_sharding)
   eval_period = None if held_out is None else cfg.eval.every_epochs * run.steps_per_epoch
   monitor_period = cfg.monitor.every_steps or cfg.checkpoint.every_steps
   # Every process computes the pictures (parameters may span hosts); only the lead writes them.
   visualize = None
   if run.method.visualize:
-    visualize = jax.jit(run.method.visualize, out_shardings=parallel.replicated(run.mesh))
+    visualize = xla_options.jit(run.method.visualize, out_shardings=parallel.replicated(run.mesh))
     viz_batch = pipeline.make_viz_batch(cfg.data, cfg.viz_num_images)
 
   logger = _Logger(run, start_step)

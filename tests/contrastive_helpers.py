@@ -18,18 +18,27 @@ FLAGS = ("--config.monitor.every_steps=0", "--config.log_every_steps=1", "--conf
          "--config.checkpoint.max_to_keep=6")
 
 
-def env(num_devices=1):
+# MoCo's step-1 gradients come out 5% apart between the program compiled at conftest's
+# --xla_backend_optimization_level=0 and the optimised one, on one device and deterministically (a fresh
+# encoder's contrastive gradients amplify rounding, see assert_same_steps), and 1 and 8 devices at level 0
+# differed by 3.5%. Optimised, as users' runs are, 1 and 8 devices agree to 4e-6, so MoCo's runs compile so.
+OPTIMISED_CONFIGS = ("mocov2_fashion_mnist",)
+
+
+def env(num_devices=1, config_name=None):
   environment = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
                      JAX_PLATFORMS="cpu")
-  environment["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                              f"--xla_force_host_platform_device_count={num_devices}")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if config_name in OPTIMISED_CONFIGS:
+    flags = flags.replace("--xla_backend_optimization_level=0", "")
+  environment["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={num_devices}"
   return environment
 
 
 def cli(config_name, workdir, *flags):
   """``python -m sslx.main --config=configs/<config_name>.py:test`` on one CPU device; returns its stdout."""
   result = subprocess.run([sys.executable, "-m", "sslx.main", f"--config=configs/{config_name}.py:test",
-                           f"--workdir={workdir}", *FLAGS, *flags], env=env(), cwd=REPO, capture_output=True,
+                           f"--workdir={workdir}", *FLAGS, *flags], env=env(1, config_name), cwd=REPO, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
@@ -100,7 +109,7 @@ print("replicated arrays agree")
 
 
 def train_on_eight_devices(config_name, workdir):
-  result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, config_name, str(workdir)], env=env(8),
+  result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, config_name, str(workdir)], env=env(8, config_name),
                           cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "replicated arrays agree" in result.stdout

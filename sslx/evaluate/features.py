@@ -23,10 +23,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sslx import parallel
+from sslx import xla_options
 from sslx.numerics import pad_rows
 
 
-@functools.partial(jax.jit, static_argnames=("embed", "out_sharding"))
 def _embed(state, images, ids, labels, *, embed, out_sharding):
   """Float32 features of a global batch, replicated on leaving with the rows' example ids and labels.
 
@@ -37,6 +37,12 @@ def _embed(state, images, ids, labels, *, embed, out_sharding):
   variables, method_state = state
   features = embed(variables, method_state, images).astype(jnp.float32)
   return jax.lax.with_sharding_constraint((features, ids, labels), out_sharding)
+
+
+@functools.cache
+def _embed_program():
+  """`_embed` compiled with `sslx.xla_options`, built at first use (the options depend on the backend)."""
+  return xla_options.jit(_embed, static_argnames=("embed", "out_sharding"))
 
 
 def _default_device_mesh() -> Mesh:
@@ -99,8 +105,8 @@ def extract_features(embed: Callable[..., Any], state: Any, batches: Iterable[di
              pad_rows(batch_labels.astype(np.int32), padded))
     # Dispatch this batch before copying the previous result to the host, so the device keeps working
     # while the host waits and loads the next batch.
-    current = _embed(state, *(jax.make_array_from_process_local_data(rows, x) for x in local),
-                     embed=embed, out_sharding=replicated)
+    current = _embed_program()(state, *(jax.make_array_from_process_local_data(rows, x) for x in local),
+                                 embed=embed, out_sharding=replicated)
     if pending is not None:
       keep(pending)
     pending = current

@@ -21,6 +21,7 @@ import ml_collections
 from flax import linen as nn
 
 from sslx import config as config_lib
+from sslx.models import norm_ops
 from sslx.models.vit import check_dtype, partitioned, resolve_dtype
 
 Dtype = Any
@@ -98,37 +99,25 @@ class BatchNorm(nn.Module):
     running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
 
     x32 = x.astype(jnp.float32)
-    normalize = lambda values, mean, var: self._normalize(values, scale, bias, mean, var)
+    scale32, bias32 = scale.astype(jnp.float32), bias.astype(jnp.float32)
     if not train:
-      return normalize(x32, running_mean.value, running_var.value)
+      # One multiply-add per element: scale and shift folded per channel.
+      multiplier = scale32 * jax.lax.rsqrt(running_var.value + self.epsilon)
+      return (x32 * multiplier + (bias32 - running_mean.value * multiplier)).astype(self.dtype)
     if x.shape[0] % self.groups:
       raise ValueError(f"a batch of {x.shape[0]} rows cannot be split into {self.groups} BatchNorm groups")
     # One slice per group rather than a (groups, B / groups, ...) reshape of the batch axis: with the batch
     # sharded over 8 CPU devices, XLA got the gradients of that reshape wrong (conv kernels 2% off).
     size = x.shape[0] // self.groups
-    parts = [x32[g * size:(g + 1) * size] for g in range(self.groups)]
-    moments = [batch_moments(part) for part in parts]
+    outputs = [norm_ops.batch_norm_train(x32[g * size:(g + 1) * size], scale32, bias32, self.epsilon)
+               for g in range(self.groups)]
     if not self.is_initializing():
       n = x.size // (channels * self.groups)
-      mean, var = (sum(values) / self.groups for values in zip(*moments, strict=True))
+      mean, var = (sum(values) / self.groups for values in zip(*(moments for _, *moments in outputs), strict=True))
       running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
       running_var.value = (self.momentum * running_var.value
                            + (1 - self.momentum) * var * (n / max(n - 1, 1)))
-    return jnp.concatenate([normalize(part, *part_moments)
-                            for part, part_moments in zip(parts, moments, strict=True)])
-
-  def _normalize(self, x32, scale, bias, mean, var):
-    # One multiply-add per element: scale and shift folded per channel.
-    multiplier = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
-    shift = bias.astype(jnp.float32) - mean * multiplier
-    return (x32 * multiplier + shift).astype(self.dtype)
-
-
-def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(mean, biased variance)`` per channel of ``x`` ``(B, ..., C)`` over every other axis, float32."""
-  axes = tuple(range(x.ndim - 1))
-  mean = jnp.mean(x, axis=axes)
-  return mean, jnp.mean(jnp.square(x - mean), axis=axes)
+    return jnp.concatenate([y for y, *_ in outputs]).astype(self.dtype)
 
 
 def _batch_norm(module: nn.Module, name: str, zero_scale: bool = False) -> BatchNorm:
