@@ -1,6 +1,8 @@
 """SimCLR: the method bundle, its recipes, and runs through the one loop (command line, resume, 8 devices,
 TFDS)."""
 import math
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -13,7 +15,7 @@ from sslx import optim
 from sslx.methods import simclr
 from sslx.models import heads
 import contrastive_helpers as helpers
-from test_configs import load_config
+from test_configs import SslxTinyRgb, load_config
 
 CONFIG = "simclr_fashion_mnist"
 
@@ -111,16 +113,19 @@ def test_eight_devices_train_as_one(cli_run, tmp_path):
   helpers.assert_same_steps(tmp_path / "eight", cli_run)
 
 
-def test_local_recipe_builds_its_training_step():
-  """The CPU check's shapes (test_moco.py trains the MoCo one on a TFDS dataset; one such run is enough)."""
+def test_local_recipe_trains_from_the_command_line_on_a_tfds_dataset(tmp_path):
+  """Two steps of configs/simclr_resnet50.py:local (ResNet-50 of width 8, 32 px, batch 8) on a 24-image TFDS
+  dataset in the array_record format, from the command line, as a user with ImageNet prepared would run it."""
+  data_dir = str(tmp_path / "tfds")
+  SslxTinyRgb(data_dir=data_dir, file_format="array_record").download_and_prepare()
   config = load_config("simclr_resnet50", "local")
-  shape = (config.model.variant, config.model.width, config.data.image_size, config.batch_size)
-  assert shape == ("50", 8, 32, 8)
-  method = methods.build_method(config)
-  views = {f"view_{i}": jax.ShapeDtypeStruct((8, 32, 32, 3), np.float32) for i in range(2)}
-
-  def loss(batch):
-    variables, method_state = method.init(jax.random.PRNGKey(0), {"image": batch["view_0"][:1]})
-    return method.loss_fn(nn.unbox(variables), method_state, batch, jax.random.PRNGKey(1))[0]
-
-  assert jax.eval_shape(loss, views).shape == ()
+  assert (config.model.variant, config.model.width, config.data.image_size, config.batch_size) == ("50", 8, 32, 8)
+  result = subprocess.run(
+      [sys.executable, "-m", "sslx.main", "--config=configs/simclr_resnet50.py:local", f"--workdir={tmp_path / 'run'}",
+       "--config.data.dataset=sslx_tiny_rgb", f"--config.data.data_dir={data_dir}", "--config.total_steps=2",
+       "--config.monitor.every_steps=0", "--config.log_every_steps=1"],
+      env=helpers.env(), cwd=helpers.REPO, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "done: step 2" in result.stdout
+  losses = [row["loss"] for row in helpers.rows(tmp_path / "run").values()]
+  assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
