@@ -1,8 +1,9 @@
 r"""Quality record on Fashion-MNIST: kNN and linear-probe accuracy of raw pixels, a random encoder and
-pretrained encoders, each with class-token and mean-patch-token features, under one protocol.
+pretrained encoders, each with every pooling its encoder offers (class token and mean patch token for a
+ViT, the global mean for a ResNet), under one protocol.
 
   python experiments/quality_fashion_mnist.py --runs=runs/quickstart [--runs=runs/mae_10ep ...] \
-      [--json_out=quality.jsonl]
+      [--json_out=quality.jsonl] [--baselines=false: the runs only]
 
 Protocol (the one `configs/eval.py` uses): the full 60k training split is the kNN bank and the probe's
 training set, the 10k test split is scored; images are normalised with the Fashion-MNIST mean and std;
@@ -23,12 +24,13 @@ from absl import logging
 
 from sslx import config as config_lib
 from sslx import init_from
+from sslx import models
 from sslx.evaluate import run as eval_run
-from sslx.models import vit
 
 _RUNS = flags.DEFINE_multi_string("runs", [], "Pretraining workdirs to evaluate.")
 _K = flags.DEFINE_integer("k", 20, "Neighbours of the weighted kNN.")
 _PROBE_L2 = flags.DEFINE_float("probe_l2", None, "A fixed L2 weight for the probe; None: chosen on held-out.")
+_BASELINES = flags.DEFINE_bool("baselines", True, "Also score raw pixels and a random encoder.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Append one JSON line per row to this file.")
 
 
@@ -36,6 +38,12 @@ def _eval_config():
   eval_config = config_lib.base_config().eval
   eval_config.update(dict(knn_ks=(_K.value,), probe="logistic", probe_l2=_PROBE_L2.value, max_train_examples=None))
   return eval_config
+
+
+def _poolings(run_config) -> tuple[str, ...]:
+  """The feature poolings the run's encoder offers: class token and mean patch token for a ViT, the global
+  mean for a ResNet."""
+  return models.encoder_module(run_config.model.name).POOLINGS
 
 
 def main(argv) -> None:
@@ -47,15 +55,17 @@ def main(argv) -> None:
   first_config = init_from.load_run_config(_RUNS.value[0])
   data_config = first_config.data
   tasks = ("knn", "linear_probe")
-  rows = [("raw pixels", "-", eval_run.evaluate_representation(tasks, eval_run.pixel_embed, ({}, {}), data_config,
-                                                                 eval_config))]
-  for pooling in vit.POOLINGS:
-    first_config.model.pooling = pooling
-    method, state = eval_run.random_init(first_config, first_config.seed)
-    rows.append(("random init", pooling, eval_run.evaluate_representation(tasks, method.embed, state, data_config,
-                                                                          eval_config)))
+  rows = []
+  if _BASELINES.value:
+    rows.append(("raw pixels", "-", eval_run.evaluate_representation(tasks, eval_run.pixel_embed, ({}, {}),
+                                                                   data_config, eval_config)))
+    for pooling in _poolings(first_config):
+      first_config.model.pooling = pooling
+      method, state = eval_run.random_init(first_config, first_config.seed)
+      rows.append(("random init", pooling, eval_run.evaluate_representation(tasks, method.embed, state,
+                                                                            data_config, eval_config)))
   for workdir in _RUNS.value:
-    for pooling in vit.POOLINGS:
+    for pooling in _poolings(init_from.load_run_config(workdir)):
       _, method, state = eval_run.restored_run(workdir, pooling=pooling)
       rows.append((workdir, pooling, eval_run.evaluate_representation(tasks, method.embed, state, data_config,
                                                                       eval_config)))
