@@ -70,9 +70,9 @@ def _run_errors() -> tuple[type[Exception], ...]:
   from sslx import checkpoint  # pylint: disable=g-import-not-at-top
   from sslx import checks  # pylint: disable=g-import-not-at-top
   from sslx import run_lock  # pylint: disable=g-import-not-at-top
-  from sslx import train  # pylint: disable=g-import-not-at-top
+  from sslx import step_metrics  # pylint: disable=g-import-not-at-top
   return (checks.ConfigError, run_lock.WorkdirLockedError, checkpoint.CheckpointSaveError, checkpoint.CheckpointRestoreError,
-          train.NonFiniteLossError)
+          step_metrics.NonFiniteLossError)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,11 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sslx import checkpoint as checkpoint_lib
 from sslx import checks
 from sslx import init_from
-from sslx import metrics as metrics_lib
 from sslx import models
 from sslx import monitors
 from sslx import optim
@@ -32,6 +30,7 @@ from sslx import preemption
 from sslx import profiling
 from sslx import results as results_lib
 from sslx import run_lock
+from sslx import step_metrics
 from sslx import viz
 from sslx import xla_options
 from sslx.data import device_augment as device_augment_lib
@@ -53,10 +52,6 @@ class TrainState:
   @property
   def variables(self) -> dict:
     return {"params": self.params, **self.model_state}
-
-
-class NonFiniteLossError(FloatingPointError):
-  """Loss, gradients or parameters stopped being finite; the run stops and keeps its last good checkpoint."""
 
 
 def schedule_length(config, num_examples: int) -> tuple[int, int]:
@@ -222,101 +217,6 @@ class _Run:
     return state.replace(**init_from.apply_mappings(parts, mappings, shardings, self.mesh, log=self.log))
 
 
-class _NonFiniteGuard:
-  """Reads the fetched step metrics under ``config.nan_policy``; raises `NonFiniteLossError` to stop.
-
-  'stop': the first non-finite loss, gradient norm or parameter norm stops the run. 'skip': the step
-  skipped that update (see `make_train_step`); the run stops after ``nan_max_skips`` skips in a row, or
-  when a parameter stopped being finite anyway.
-  """
-
-  def __init__(self, config, checkpointer):
-    self._skip = config.nan_policy == "skip"
-    self._max_skips = config.nan_max_skips
-    self._checkpointer = checkpointer
-    self._in_a_row = 0
-
-  def check(self, step_metrics: list[tuple[int, dict]]) -> None:
-    for step, values in step_metrics:
-      if self._skip and values["nonfinite_skipped"]:
-        self._in_a_row += 1
-        print(f"step {step}: loss {float(values['loss'])}, grad_norm {float(values['grad_norm'])}: update "
-              f"skipped ({self._in_a_row} in a row)", flush=True)
-        if self._in_a_row >= self._max_skips:
-          self._stop(f"{self._in_a_row} updates in a row were not finite (config.nan_max_skips="
-                     f"{self._max_skips}), the last at step {step}")
-        continue
-      self._in_a_row = 0
-      for name in ("loss", "grad_norm", "param_norm"):
-        if not math.isfinite(float(values[name])):
-          self._stop(f"{name} = {float(values[name])} at step {step}")
-
-  def _stop(self, what: str) -> None:
-    self._checkpointer.close()  # finish the saves in flight: they hold good states
-    kept = self._checkpointer.all_steps()
-    raise NonFiniteLossError(f"{what}; stopping. Kept checkpoints: {kept or 'none'} in "
-                             f"{self._checkpointer.directory} (the newest one is the last good state).")
-
-
-def _mean_metrics(step_metrics: list[tuple[int, dict]], schedule_names) -> dict[str, float]:
-  """Means over the steps since the last log; scheduled values (lr, weight decay) as of the last step.
-
-  Skipped (non-finite) steps count in ``nonfinite_skipped`` (their number) and in no mean, unless every
-  step was skipped.
-  """
-  values = [values for _, values in step_metrics]
-  kept = [row for row in values if not row.get("nonfinite_skipped")] or values
-  scalars = {name: float(np.mean([row[name] for row in kept])) for name in values[0]}
-  if "nonfinite_skipped" in values[0]:
-    scalars["nonfinite_skipped"] = float(sum(row["nonfinite_skipped"] for row in values))
-  scalars.update({name: float(values[-1][name]) for name in schedule_names})
-  return scalars
-
-
-def _every(period_steps: Optional[float], step: int, is_last: bool) -> bool:
-  return period_steps is not None and (step % max(int(round(period_steps)), 1) == 0 or is_last)
-
-
-class _Logger:
-  """Progress line on every process; JSONL and TensorBoard from the lead only.
-
-  Starting at ``start_step`` (0 for a fresh run), rows a killed run logged past it are dropped from the
-  JSONL and hidden in TensorBoard: the resumed run logs those steps again.
-  """
-
-  def __init__(self, run: _Run, start_step: int):
-    self._lead = run.is_lead
-    self.progress = metrics_lib.ProgressLine(run.total_steps, run.config.batch_size)
-    if self._lead:
-      with open(os.path.join(run.workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(run.config.to_json_best_effort(indent=2))
-      jsonl = os.path.join(run.workdir, "metrics.jsonl")
-      # A fresh run logs its step-0 monitor report again, so it keeps no row at all.
-      dropped = metrics_lib.drop_rows_after(jsonl, start_step if start_step else -1)
-      if dropped:
-        print(f"metrics.jsonl: dropped {dropped} rows logged after step {start_step} by an earlier run",
-              flush=True)
-      self._jsonl = metrics_lib.JsonlWriter(jsonl)
-      self._tensorboard = metrics_lib.TensorBoardWriter(os.path.join(run.workdir, "tensorboard"),
-                                                        purge_step=start_step + 1 if start_step else 0)
-
-  def write(self, step: int, scalars: dict[str, float]) -> None:
-    if self._lead:
-      self._jsonl.write(step, scalars)
-      self._tensorboard.write_scalars(step, scalars)
-
-  def flush(self) -> None:
-    """Puts every event logged so far on disk: the events of the steps a checkpoint holds survive a kill."""
-    if self._lead:
-      self._tensorboard.flush()
-
-  def close(self) -> None:
-    self.progress.close()
-    if self._lead:
-      self._jsonl.close()
-      self._tensorboard.close()
-
-
 def train(config, workdir: str) -> tuple[TrainState, dict[str, float]]:
   """Runs (or resumes) a training run in ``workdir``; returns the final state and the last logged metrics.
 
@@ -372,7 +272,8 @@ def _train(run: _Run, stops: preemption.StopRequests) -> tuple[TrainState, dict[
     visualize = xla_options.jit(run.method.visualize, out_shardings=parallel.replicated(run.mesh))
     viz_batch = pipeline.make_viz_batch(cfg.data, cfg.viz_num_images)
 
-  logger = _Logger(run, start_step)
+  logger = step_metrics.RunLogger(cfg, workdir, total_steps=run.total_steps, start_step=start_step,
+                                  is_lead=run.is_lead)
   attention = models.attention_implementation(cfg.model)
   run.log(f"{cfg.method.name} | {cfg.model.name} {cfg.model.get('variant', '')}"
           f"{f' | {attention} attention' if attention else ''} | {jax.device_count()} "
@@ -383,7 +284,7 @@ def _train(run: _Run, stops: preemption.StopRequests) -> tuple[TrainState, dict[
                      if name != "seconds"})
 
   batches = prefetch.DevicePrefetcher(run.loader, lambda batch: parallel.global_batch(batch, run.batch_sharding))
-  guard = _NonFiniteGuard(cfg, run.checkpointer)
+  guard = step_metrics.NonFiniteGuard(cfg, run.checkpointer)
   single_process = jax.process_count() == 1
   pending: list[tuple[int, Any]] = []
   last_scalars: dict[str, float] = {}
@@ -391,8 +292,8 @@ def _train(run: _Run, stops: preemption.StopRequests) -> tuple[TrainState, dict[
   profiler = profiling.StepProfiler(cfg.get("profile_steps"), os.path.join(workdir, "tensorboard"))
   for step in range(start_step + 1, run.total_steps + 1):
     profiler.step(step, state)
-    state, step_metrics = train_step(state, next(batches))
-    pending.append((step, step_metrics))
+    state, device_metrics = train_step(state, next(batches))
+    pending.append((step, device_metrics))
     is_last = step == run.total_steps
     stop = None if is_last else stops.agreed_stop(step)
     log_now = step % cfg.log_every_steps == 0 or is_last or step == start_step + 1 or stop is not None
@@ -406,11 +307,11 @@ def _train(run: _Run, stops: preemption.StopRequests) -> tuple[TrainState, dict[
       pending.clear()
     evaluated = {}
     if stop is None:
-      evaluated = _evaluate(run, state, step, held_out if _every(eval_period, step, is_last) else None,
-                            run.monitor is not None and _every(monitor_period, step, is_last))
+      evaluated = _evaluate(run, state, step, held_out if step_metrics.is_due(eval_period, step, is_last) else None,
+                            run.monitor is not None and step_metrics.is_due(monitor_period, step, is_last))
     logger.progress.exclude(evaluated.pop("seconds", 0.0))
     if log_now:
-      last_scalars = _mean_metrics(fetched, run.schedules)
+      last_scalars = step_metrics.mean_metrics(fetched, run.schedules)
       if step == start_step + 1:
         run.log(f"first step (with compilation) took {time.time() - first_step_start:.1f}s")
       images_per_s = logger.progress.report(step, {k: last_scalars[k] for k in ("loss", "lr")})

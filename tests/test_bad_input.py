@@ -12,6 +12,7 @@ import pytest
 from sslx import checks
 from sslx import config as config_lib
 from sslx import recipes
+from sslx import step_metrics
 from sslx import train
 from train_helpers import tiny_run_config
 
@@ -154,7 +155,7 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
   # Warm-up makes step 1's learning rate 0, so step 1 is good and saved; step 2's huge one blows up.
   config = tiny_run_config(total_steps=12, **{"optimizer.base_lr": 1e30, "checkpoint.every_steps": 1,
                                               "schedule.warmup_epochs": 4 / 3750})
-  with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+); stopping") as error:
+  with pytest.raises(step_metrics.NonFiniteLossError, match=r"at step (\d+); stopping") as error:
     train.train(config, str(tmp_path))
   bad_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
   kept = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())

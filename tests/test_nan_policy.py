@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+from sslx import step_metrics
 from sslx import train
 from sslx.methods import Method
 from train_helpers import tiny_run_config
@@ -61,22 +62,22 @@ def _metrics(step, skipped):
 
 
 def test_skips_in_a_row_stop_the_run_and_a_good_step_resets_the_count(capsys):
-  guard = train._NonFiniteGuard(tiny_run_config(nan_policy="skip", nan_max_skips=3), _Checkpointer())
+  guard = step_metrics.NonFiniteGuard(tiny_run_config(nan_policy="skip", nan_max_skips=3), _Checkpointer())
   guard.check([_metrics(1, True), _metrics(2, True), _metrics(3, False), _metrics(4, True), _metrics(5, True)])
   assert "step 5: loss nan, grad_norm nan: update skipped (2 in a row)" in capsys.readouterr().out
-  with pytest.raises(train.NonFiniteLossError, match=r"3 updates in a row were not finite \(config.nan_max_skips=3\), "
+  with pytest.raises(step_metrics.NonFiniteLossError, match=r"3 updates in a row were not finite \(config.nan_max_skips=3\), "
                                                      r"the last at step 6; stopping. Kept checkpoints: \[4\]"):
     guard.check([_metrics(6, True)])
 
 
 def test_stop_policy_stops_at_the_first_non_finite_step():
-  guard = train._NonFiniteGuard(tiny_run_config(), _Checkpointer())
-  with pytest.raises(train.NonFiniteLossError, match=r"loss = nan at step 2"):
+  guard = step_metrics.NonFiniteGuard(tiny_run_config(), _Checkpointer())
+  with pytest.raises(step_metrics.NonFiniteLossError, match=r"loss = nan at step 2"):
     guard.check([(1, {"loss": 1.0, "grad_norm": 1.0, "param_norm": 1.0}),
                  (2, {"loss": np.nan, "grad_norm": 1.0, "param_norm": 1.0})])
 
 
 def test_logged_means_leave_skipped_steps_out():
-  scalars = train._mean_metrics([_metrics(1, False), _metrics(2, True), (3, {**_metrics(3, False)[1], "loss": 3.0})],
+  scalars = step_metrics.mean_metrics([_metrics(1, False), _metrics(2, True), (3, {**_metrics(3, False)[1], "loss": 3.0})],
                                 schedule_names=())
   assert scalars["loss"] == 2.0 and scalars["nonfinite_skipped"] == 1.0
