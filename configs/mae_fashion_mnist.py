@@ -4,7 +4,8 @@ r"""Quick start: MAE on Fashion-MNIST (28x28 grey, patch 4) that pretrains on a 
 
 Reads the IDX files of Debian's `dataset-fashion-mnist` package (/usr/share/datasets/fashion-mnist), or
 ``--config.data.data_dir=DIR`` holding the same four files. It ends by printing the kNN and linear-probe
-accuracy of the trained encoder beside a randomly initialised one's. ``:test`` shrinks it to a few steps.
+accuracy of the trained encoder beside a randomly initialised one's. ``:test`` shrinks it to 6 steps of a
+one-block encoder and decoder with small monitor subsets, for the tests.
 """
 from sslx import config as config_lib
 from sslx import config_args
@@ -21,4 +22,7 @@ def get_config(arg=None):
     config.log_every_steps = 2
     config.viz_every_steps = 3
     config.eval.after_pretrain = False
+    config.model.depth = 1
+    config.method.decoder.depth = 1
+    config.monitor.update(dict(knn_train_examples=200, knn_test_examples=100))
   return config_lib.finalize(config)

@@ -10,6 +10,15 @@ import pytest
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
+# Dozens of tests start runs in subprocesses that compile the same tiny programs. JAX's persistent compilation
+# cache, which this environment hands on to every child, compiles each program once per suite run (a fresh
+# clone starts empty). A size bound makes JAX write entries under a file lock, so the xdist workers and their
+# children never read a half-written one.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".pytest_cache", "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 2**30))
+
 
 def tiny_mae_config() -> ml_collections.ConfigDict:
   """An MAE config for 32x32 RGB images: patch 8 (16 patches), width 32, 2 + 1 blocks."""

@@ -28,7 +28,7 @@ from sslx.models import vit
 from test_configs import load_config
 from train_helpers import tiny_run_config
 
-MAX_EXAMPLES = 120
+MAX_EXAMPLES = 60
 NUM_TRAIN_EXAMPLES = 60_000  # Fashion-MNIST's training split, which both base configs read
 
 # Kinds of junk, each drawn as often as the others: zero, negatives, huge, non-finite, bools, None, strings,

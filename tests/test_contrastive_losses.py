@@ -1,5 +1,4 @@
 """InfoNCE and NT-Xent against numpy, against the PyTorch peer lightly, and on 1 vs 8 devices."""
-import os
 import subprocess
 import sys
 
@@ -9,8 +8,8 @@ import numpy as np
 import pytest
 
 from sslx import losses
+from multiprocess_helpers import REPO, cpu_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPERATURES = (0.07, 0.1, 0.5, 1.0)
 
 
@@ -263,9 +262,7 @@ print("all match")
 
 
 def test_eight_devices_give_the_same_losses_and_gradients():
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-  result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES_SCRIPT], env=env, cwd=REPO,
+  result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES_SCRIPT], env=cpu_env(8), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "all match" in result.stdout

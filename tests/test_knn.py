@@ -1,5 +1,4 @@
 """Weighted kNN against a brute-force numpy reference, and frozen-encoder feature extraction."""
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ from sslx import methods
 from sslx import models
 from sslx.evaluate import features as features_lib
 from sslx.evaluate import knn
+from multiprocess_helpers import REPO, cpu_env
 
 
 def _reference(train, train_labels, test, num_classes, k, temperature):
@@ -212,10 +212,7 @@ print("features match")
 
 
 def test_extract_features_sharded_over_four_devices():
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4")
-  result = subprocess.run([sys.executable, "-c", _SHARDED_FEATURES_SCRIPT], env=env, cwd=repo,
+  result = subprocess.run([sys.executable, "-c", _SHARDED_FEATURES_SCRIPT], env=cpu_env(4), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "features match" in result.stdout

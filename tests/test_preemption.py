@@ -14,13 +14,9 @@ import pytest
 from sslx import preemption
 from sslx import train
 from train_helpers import logged_losses, tiny_run_config
+from multiprocess_helpers import REPO, cpu_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 40
-
-
-def _env():
-  return dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]), JAX_PLATFORMS="cpu")
 
 
 def _saved_steps(workdir):
@@ -84,13 +80,13 @@ def _assert_same_state(workdir, reference):
 def uninterrupted(tmp_path_factory):
   """Final state and losses of the run that the interrupted ones must reproduce after resuming."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  subprocess.run(_command(workdir), env=_env(), cwd=REPO, check=True, capture_output=True, timeout=600)
+  subprocess.run(_command(workdir), env=cpu_env(), cwd=REPO, check=True, capture_output=True, timeout=600)
   return _final_state(workdir), logged_losses(workdir)
 
 
 def _interrupted_run(workdir, signum):
   """Starts the run, signals it once it has trained a few steps; returns (returncode, output)."""
-  process = subprocess.Popen(_command(workdir), env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+  process = subprocess.Popen(_command(workdir), env=cpu_env(), cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 300
   while len(logged_losses(workdir) if os.path.exists(workdir / "metrics.jsonl") else ()) < 3:
@@ -117,7 +113,7 @@ def test_signal_saves_the_current_step_and_the_same_command_resumes_exactly(tmp_
   if signum == signal.SIGINT:
     return  # the checkpoint is the same kind; SIGTERM's case resumes from it
 
-  resumed = subprocess.run(_command(tmp_path), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+  resumed = subprocess.run(_command(tmp_path), env=cpu_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0 and f"Resumed from {tmp_path}/checkpoints/{step}" in resumed.stdout
   _assert_same_state(tmp_path, reference)
   assert logged_losses(tmp_path) == losses  # each step once, and the same values
@@ -125,11 +121,11 @@ def test_signal_saves_the_current_step_and_the_same_command_resumes_exactly(tmp_
 
 def test_time_budget_saves_and_the_run_resumes(tmp_path, uninterrupted):
   reference, _ = uninterrupted
-  stopped = subprocess.run(_command(tmp_path, "--config.checkpoint.max_minutes=1e-6"), env=_env(), cwd=REPO,
+  stopped = subprocess.run(_command(tmp_path, "--config.checkpoint.max_minutes=1e-6"), env=cpu_env(), cwd=REPO,
                            capture_output=True, text=True, timeout=600)
   assert stopped.returncode == 0 and f"stopped by time limit after step 1/{TOTAL_STEPS}" in stopped.stdout
   assert _saved_steps(tmp_path) == [1]
-  subprocess.run(_command(tmp_path), env=_env(), cwd=REPO, check=True, capture_output=True, timeout=600)
+  subprocess.run(_command(tmp_path), env=cpu_env(), cwd=REPO, check=True, capture_output=True, timeout=600)
   _assert_same_state(tmp_path, reference)
 
 

@@ -1,7 +1,6 @@
 """ResNet encoders against torchvision's layout: parameter counts, converted weights in eval and train mode, the
 stems and initialisation options, and one train step on 1 device and on 8 (fake CPU) devices."""
 import functools
-import os
 import subprocess
 import sys
 
@@ -16,8 +15,8 @@ from flax import traverse_util
 import torch_resnet
 from sslx.convert import torchvision_resnet
 from sslx.models import resnet
+from multiprocess_helpers import REPO, cpu_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _torchvision_resnet():
@@ -210,9 +209,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from sslx.models import resnet
 
 assert jax.device_count() == 8, jax.devices()
-model = resnet.from_config(ml_collections.ConfigDict(dict(variant="18", small_images=True, dtype="float32")))
+model = resnet.from_config(ml_collections.ConfigDict(dict(variant="18", small_images=True, width=8, dtype="float32")))
 images = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 16, 3))
-target = jax.random.normal(jax.random.PRNGKey(1), (8, 512))
+target = jax.random.normal(jax.random.PRNGKey(1), (8, 64))  # width 8: 8 x 8 features
 variables = nn.unbox(jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(2), images[:1]))
 
 def step(params, batch_stats, images, target):
@@ -238,10 +237,8 @@ np.savez(sys.argv[1], **{"single" + key: value for key, value in flat(single).it
 
 
 def test_train_step_on_8_devices_matches_1_device(tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
   out = tmp_path / "results.npz"
-  result = subprocess.run([sys.executable, "-c", _SHARDED_STEP, str(out)], env=env, cwd=REPO, check=False,
+  result = subprocess.run([sys.executable, "-c", _SHARDED_STEP, str(out)], env=cpu_env(8), cwd=REPO, check=False,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   results = dict(np.load(out))

@@ -10,19 +10,13 @@ import numpy as np
 import pytest
 
 from sslx import train
+from multiprocess_helpers import REPO, cpu_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/supervised_fashion_mnist.py:test"
 
 
-def _env(num_devices=1):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]), JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={num_devices}"
-  return env
-
-
 def _cli(*args, num_devices=1):
-  result = subprocess.run([sys.executable, "-m", "sslx.main", *args], env=_env(num_devices), cwd=REPO,
+  result = subprocess.run([sys.executable, "-m", "sslx.main", *args], env=cpu_env(num_devices), cwd=REPO,
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
@@ -114,18 +108,20 @@ np.savez(sys.argv[2], loss=last["loss"], grad_norm=last["grad_norm"],
 """
 
 
-@pytest.mark.parametrize("fsdp", [1, 4])
-def test_one_and_eight_devices_give_the_same_step_and_statistics(tmp_path, fsdp):
-  dumps = {}
-  for name, devices in (("one", 1), ("eight", 8)):
-    script = _ONE_STEP if fsdp == 1 or devices == 1 else _ONE_STEP.replace(
-        "config.checkpoint.every_steps = 1", f"config.checkpoint.every_steps = 1\nconfig.parallel.fsdp = {fsdp}")
+def test_one_and_eight_devices_give_the_same_step_and_statistics(tmp_path):
+  def one_step(name, devices, fsdp=1):
+    script = _ONE_STEP.replace("config.checkpoint.every_steps = 1",
+                               f"config.checkpoint.every_steps = 1\nconfig.parallel.fsdp = {fsdp}")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / name), str(tmp_path / f"{name}.npz")],
-                   env=_env(devices), cwd=REPO, check=True, capture_output=True, text=True, timeout=900)
-    dumps[name] = dict(np.load(tmp_path / f"{name}.npz"))
-  one, eight = dumps["one"], dumps["eight"]
-  assert one.keys() == eight.keys() and any("batch_stats" in key for key in one)
-  for key in one:
-    # SGD's first step is lr * g, so parameters differ from 1 device by float32 reduction order only.
-    scale = float(np.abs(one[key]).max()) or 1.0
-    np.testing.assert_allclose(eight[key], one[key], rtol=1e-5, atol=1e-6 * scale, err_msg=key)
+                   env=cpu_env(devices), cwd=REPO, check=True, capture_output=True, text=True, timeout=900)
+    return dict(np.load(tmp_path / f"{name}.npz"))
+
+  one = one_step("one", 1)
+  assert any("batch_stats" in key for key in one)
+  for fsdp in (1, 4):
+    eight = one_step(f"eight_fsdp{fsdp}", 8, fsdp)
+    assert one.keys() == eight.keys()
+    for key in one:
+      # SGD's first step is lr * g, so parameters differ from 1 device by float32 reduction order only.
+      scale = float(np.abs(one[key]).max()) or 1.0
+      np.testing.assert_allclose(eight[key], one[key], rtol=1e-5, atol=1e-6 * scale, err_msg=f"fsdp={fsdp}: {key}")

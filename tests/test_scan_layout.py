@@ -1,5 +1,6 @@
 """Unrolled <-> stacked block layouts: exact conversion of params and optimizer states, the optimizer's
 per-layer rules on stacked leaves, init_from across layouts, sharded runs with scanned blocks."""
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 from flax import linen as nn
 
 from conftest import tiny_mae_config
+from multiprocess_helpers import REPO, cpu_env
 from sslx import optim
 from sslx import parallel
 from sslx import train
@@ -22,7 +24,6 @@ from sslx.methods import RunLength, mae
 from sslx.models import vit
 from train_helpers import tiny_run_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _assert_identical(a, b):
@@ -189,43 +190,10 @@ def test_init_from_loads_an_encoder_saved_in_the_other_layout(source_runs, tmp_p
   _assert_identical(state.params["encoder"], expected)
 
 
-_SHARDED_SCRIPT = """
-import jax, numpy as np
-from jax.sharding import Mesh
-from flax import linen as nn
-from sslx import methods, parallel
-from sslx.convert import scan_layout
-from train_helpers import tiny_run_config
-config = tiny_run_config(**{"model.scan_blocks": True, "model.remat": "matmuls", "model.depth": 2,
-                            "model.drop_path_rate": 0.2})
-method = methods.build_method(config)
-images = np.random.default_rng(0).normal(size=(16, 28, 28, 1)).astype(np.float32)
-rng = jax.random.PRNGKey(3)
-boxed = jax.eval_shape(lambda: method.init(rng, {"image": images[:1]})[0]["params"])
-def grads_on(devices, fsdp):
-  mesh = Mesh(np.array(devices).reshape(-1, fsdp), parallel.DATA_AXES)
-  param_sharding = parallel.shardings_from_logical(boxed, mesh, parallel.logical_axis_rules(fsdp))
-  params = jax.jit(lambda: nn.unbox(method.init(rng, {"image": images[:1]})[0]["params"]),
-                   out_shardings=param_sharding)()
-  batch = jax.device_put({"image": images}, parallel.batch_sharding(mesh))
-  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: method.loss_fn({"params": p}, {}, b, rng)[0]))
-  loss, grads = grad_fn(params, batch)
-  return float(loss), jax.device_get(grads)
-loss1, grads1 = grads_on(jax.devices()[:1], 1)
-for fsdp in (1, 2):
-  loss8, grads8 = grads_on(jax.devices(), fsdp)
-  np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
-  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads1))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale), grads8, grads1)
-  print(f"fsdp={fsdp}: loss {loss8!r} vs {loss1!r}")
-print("scanned blocks match")
-"""
-
-
 def test_one_and_eight_devices_give_the_same_loss_and_gradients_with_scanned_blocks():
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]), JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, cwd=REPO, capture_output=True,
+  overrides = {"model.scan_blocks": True, "model.remat": "matmuls", "model.depth": 2, "model.drop_path_rate": 0.2}
+  result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharded_gradients.py"),
+                           json.dumps(overrides), "1,2"], env=cpu_env(8), cwd=REPO, capture_output=True,
                           text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "scanned blocks match" in result.stdout
+  assert "gradients match" in result.stdout

@@ -9,25 +9,18 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from sslx import train
 from train_helpers import logged_losses, tiny_run_config
+from multiprocess_helpers import REPO, cpu_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(REPO, "tests", "train_helpers.py")
-
-
-def _env(num_devices=1):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]), JAX_PLATFORMS="cpu")
-  # Same XLA flags as this process (conftest's), so subprocess and in-process runs compile alike.
-  env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={num_devices}"
-  return env
+SHARDED_GRADIENTS = os.path.join(REPO, "tests", "sharded_gradients.py")
 
 
 def _train_in_subprocess(workdir, params_path, num_devices=1, **overrides):
   pairs = [f"{key}={value}" for key, value in overrides.items()]
-  subprocess.run([sys.executable, HELPER, str(workdir), str(params_path), *pairs], env=_env(num_devices),
+  subprocess.run([sys.executable, HELPER, str(workdir), str(params_path), *pairs], env=cpu_env(num_devices),
                  check=True, cwd=REPO, capture_output=True, text=True)
   return dict(np.load(params_path))
 
@@ -36,7 +29,7 @@ def test_quickstart_cli_writes_checkpoint_metrics_and_pictures(tmp_path):
   workdir = tmp_path / "quick"
   result = subprocess.run(
       [sys.executable, "-m", "sslx.main", "--config=configs/mae_fashion_mnist.py:test", f"--workdir={workdir}"],
-      env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+      env=cpu_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "img/s" in result.stdout and "done: step 6" in result.stdout
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
@@ -61,7 +54,7 @@ def test_resume_after_kill_continues_exactly(tmp_path):
 
   killed = tmp_path / "killed"
   process = subprocess.Popen([sys.executable, HELPER, str(killed), str(tmp_path / "unused.npz")],
-                             env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             env=cpu_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while not os.path.exists(killed / "checkpoints" / "4" / "commit_success.txt") and process.poll() is None:
     assert time.time() < deadline
@@ -104,12 +97,17 @@ def test_rerunning_a_finished_run_keeps_its_results(tmp_path, capsys):
     assert f.read() == written
 
 
-@pytest.mark.parametrize("fsdp", [1, 4])
-def test_one_and_eight_devices_give_the_same_step(tmp_path, fsdp):
+def test_one_and_eight_devices_give_the_same_step(tmp_path):
   one = _train_in_subprocess(tmp_path / "one", tmp_path / "one.npz", num_devices=1, total_steps=1)
-  eight = _train_in_subprocess(tmp_path / "eight", tmp_path / "eight.npz", num_devices=8, total_steps=1,
-                               **{"parallel.fsdp": fsdp})
-  (one_monitor, one_row), (eight_monitor, eight_row) = (_metrics_rows(tmp_path / name)[:2] for name in ("one", "eight"))
+  for fsdp in (1, 4):
+    eight_dir = tmp_path / f"eight_fsdp{fsdp}"
+    eight = _train_in_subprocess(eight_dir, tmp_path / f"eight_fsdp{fsdp}.npz", num_devices=8, total_steps=1,
+                                 **{"parallel.fsdp": fsdp})
+    _assert_same_step(one, eight, *(_metrics_rows(workdir)[:2] for workdir in (tmp_path / "one", eight_dir)))
+
+
+def _assert_same_step(one, eight, one_rows, eight_rows):
+  (one_monitor, one_row), (eight_monitor, eight_row) = one_rows, eight_rows
   for key in ("loss", "grad_norm", "param_norm", "probe/loss"):
     np.testing.assert_allclose(eight_row[key], one_row[key], rtol=1e-6, err_msg=key)
   # The step-0 monitor report (kNN on sharded feature extraction, diagnostics) is the same on 8 devices.
@@ -124,39 +122,8 @@ def test_one_and_eight_devices_give_the_same_step(tmp_path, fsdp):
     np.testing.assert_allclose(eight[name], one[name], rtol=1e-5, atol=1.5e-4, err_msg=name)
 
 
-_SHARDED_GRADIENTS_SCRIPT = """
-import jax, numpy as np
-from jax.sharding import Mesh
-from sslx import methods, parallel
-from train_helpers import tiny_run_config
-config = tiny_run_config()
-method = methods.build_method(config)
-images = np.random.default_rng(0).normal(size=(16, 28, 28, 1)).astype(np.float32)
-rng = jax.random.PRNGKey(3)
-boxed = jax.eval_shape(lambda: method.init(rng, {"image": images[:1]})[0]["params"])
-def grads_on(devices, fsdp):
-  mesh = Mesh(np.array(devices).reshape(-1, fsdp), parallel.DATA_AXES)
-  param_sharding = parallel.shardings_from_logical(boxed, mesh, parallel.logical_axis_rules(fsdp))
-  params = jax.jit(lambda: jax.tree.map(lambda x: x, method.init(rng, {"image": images[:1]})[0]["params"]),
-                   out_shardings=param_sharding)()
-  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
-                        is_leaf=lambda x: hasattr(x, "value"))
-  batch = jax.device_put({"image": images}, parallel.batch_sharding(mesh))
-  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: method.loss_fn({"params": p}, {}, b, rng)[0]))
-  loss, grads = grad_fn(params, batch)
-  return float(loss), jax.device_get(grads)
-loss1, grads1 = grads_on(jax.devices()[:1], 1)
-for fsdp in (1, 2, 8):
-  loss8, grads8 = grads_on(jax.devices(), fsdp)
-  np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
-  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads1))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale), grads8, grads1)
-print("gradients match")
-"""
-
-
 def test_sharded_gradients_match_one_device():
-  result = subprocess.run([sys.executable, "-c", _SHARDED_GRADIENTS_SCRIPT], env=_env(8), cwd=REPO,
+  result = subprocess.run([sys.executable, SHARDED_GRADIENTS, "{}", "1,2,8"], env=cpu_env(8), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "gradients match" in result.stdout
