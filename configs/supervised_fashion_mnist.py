@@ -10,7 +10,7 @@ weight decay 5e-4 on kernels only, label smoothing 0.1, random crops (scale 0.35
 probe and the kNN monitor watch the encoder as they do in pretraining, and the held-out top-1 is scored every
 epoch. ``--config.init_from=RUN`` starts the encoder from another run's instead (fine-tuning).
 
-Arguments: ``epochs=N`` (default 2); ``test``: a few steps of a ResNet-18 of width 8 at batch 16, for the tests.
+Arguments: ``epochs=N`` (default 2); ``test``: a few steps of a ResNet-10 of width 8 at batch 16, for the tests.
 """
 from sslx import config as config_lib
 from sslx import config_args
@@ -22,7 +22,7 @@ def get_config(arg=None):
   config = recipes.supervised_resnet_fashion_mnist()
   config.num_epochs = args.epochs
   if args.test:
-    config.model.width = 8
+    config.model.update(dict(variant="10", width=8))
     config.batch_size = 16
     config.total_steps = 4
     config.eval.every_epochs = None

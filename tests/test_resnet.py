@@ -251,7 +251,7 @@ def test_train_step_on_8_devices_matches_1_device(tmp_path):
 
 
 def test_bad_config_names_the_key():
-  with pytest.raises(ValueError, match=r"config.model.variant='19' is not one of \('18', '34', '50'"):
+  with pytest.raises(ValueError, match=r"config.model.variant='19' is not one of \('10', '18', '34', '50'"):
     resnet.from_config(_config("19"))
   with pytest.raises(ValueError, match=r"config.model.variant='resnet50'"):
     resnet.validate_config(_config("resnet50"), 224)
