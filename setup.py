@@ -30,7 +30,6 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3",
             "hypothesis>=6",
-            "filelock>=3",  # JAX's compilation cache with a size bound (tests/conftest.py)
             "torch==2.13.0",
             "transformers>=4.45",
             "scikit-learn>=1.5",
