@@ -60,12 +60,17 @@ def uniformity(z: jax.Array, *, t: float = 2.0) -> jax.Array:
   return jax.nn.logsumexp(logits) - jnp.log(n * (n - 1) / 2)
 
 
+@jax.jit
+def _scalars(z: jax.Array) -> dict[str, jax.Array]:
+  std = embedding_std(z)
+  return dict(std=std["mean_std"], collapsed=std["collapsed"], rankme=rankme(z), uniformity=uniformity(z))
+
+
 def summary(z: jax.Array, z_positive: jax.Array | None = None) -> dict[str, float]:
   """Scalar diagnostics for logging: ``std``, ``collapsed``, ``rankme``, ``uniformity`` and, given
   positives (a second view of the same inputs), ``alignment``."""
-  std = embedding_std(z)
-  out = dict(std=float(std["mean_std"]), collapsed=float(std["collapsed"]), rankme=float(rankme(z)),
-             uniformity=float(uniformity(z)))
+  # One compiled program for all of them: op by op, each new feature shape compiled a dozen small ones.
+  out = {name: float(value) for name, value in _scalars(z).items()}
   if z_positive is not None:
-    out["alignment"] = float(alignment(z, z_positive))
+    out["alignment"] = float(jax.jit(alignment)(z, z_positive))
   return out
