@@ -9,7 +9,7 @@ Measured on 2 shared CPU cores: ~70 images/s (the key view goes forward only), s
 
 Arguments: ``epochs=N`` (default 2); ``test``: 6 steps of a ResNet-10 of width 8 at batch 32 with a queue of
 2 batches in 2 BatchNorm groups, for the tests (their runs compile with XLA's optimisations, see
-tests/contrastive_helpers.py, which a ResNet-18 takes twice as long to get through).
+tests/contrastive_helpers.py; one basic block per stage keeps that compilation short).
 """
 from sslx import config as config_lib
 from sslx import config_args
