@@ -66,11 +66,14 @@ def _scalars(z: jax.Array) -> dict[str, jax.Array]:
   return dict(std=std["mean_std"], collapsed=std["collapsed"], rankme=rankme(z), uniformity=uniformity(z))
 
 
+_alignment = jax.jit(alignment)
+
+
 def summary(z: jax.Array, z_positive: jax.Array | None = None) -> dict[str, float]:
   """Scalar diagnostics for logging: ``std``, ``collapsed``, ``rankme``, ``uniformity`` and, given
   positives (a second view of the same inputs), ``alignment``."""
   # One compiled program for all of them: op by op, each new feature shape compiled a dozen small ones.
   out = {name: float(value) for name, value in _scalars(z).items()}
   if z_positive is not None:
-    out["alignment"] = float(jax.jit(alignment)(z, z_positive))
+    out["alignment"] = float(_alignment(z, z_positive))
   return out
