@@ -32,7 +32,7 @@ STAGE_WIDTHS = (64, 128, 256, 512)  # the published widths: base width 64, doubl
 BOTTLENECK_EXPANSION = 4
 
 # Variant strings are the depths; blocks per stage as in the paper's Table 1, and ResNet-10 (one basic block
-# per stage, as timm's resnet10t): the same code at half ResNet-18's compile time, for the supervised :test.
+# per stage, as timm's resnet10t): the same code at half ResNet-18's compile time, for the :test configs.
 VARIANTS = {
     "10": {"stage_sizes": (1, 1, 1, 1), "bottleneck": False},
     "18": {"stage_sizes": (2, 2, 2, 2), "bottleneck": False},
