@@ -9,6 +9,7 @@ from jax.sharding import AbstractMesh, Mesh
 
 from sslx import numerics
 from sslx import parallel
+from sslx import schedules
 
 
 def normalize_patches(patches, *, eps: float = 1e-6):
@@ -216,10 +217,200 @@ def _check_pair(first_name, first, second_name, second) -> None:
                      f"got {first.shape} and {second.shape}")
 
 
-def _check_temperature(temperature) -> None:
+def _check_temperature(temperature, name: str = "temperature") -> None:
   if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0:
-    raise ValueError(f"temperature must be > 0; got {temperature}")
+    raise ValueError(f"{name} must be > 0; got {temperature}")
 
 
 def _inverse(temperature) -> jax.Array:
   return 1.0 / jnp.asarray(temperature, jnp.float32)
+
+
+class RegressionLoss(NamedTuple):
+  """A regression of one network's outputs onto another's: ``loss`` (scalar float32, the mean of
+  ``per_example``) and ``per_example`` (``(B,)`` float32, one value per row of the caller's batch)."""
+  loss: jax.Array
+  per_example: jax.Array
+
+
+def byol_loss(predictions, targets) -> RegressionLoss:
+  """BYOL's regression of the online predictions onto the target projections.
+
+  ``per_example_i = || p_i/|p_i| - t_i/|t_i| ||^2 = 2 - 2 cos(p_i, t_i)`` and ``loss = mean_i per_example_i``,
+  in float32 for any input float dtype. ``targets`` pass through ``jax.lax.stop_gradient``: the target
+  network never gets a gradient through this loss, only its EMA update moves it.
+
+  Normalisation is `sslx.numerics.l2_normalize`, ``x / max(|x|, 1e-12)``; deepmind-research/byol divides by
+  ``sqrt(max(|x|^2, 1e-12))``, i.e. floors the norm at 1e-6 instead. The two agree for every row whose norm
+  exceeds 1e-6 (any projector output in practice). Both map a zero row to zero, so its term is the squared
+  norm of the other row's unit vector (1; 0 when both are zero), not ``2 - 2 cos``.
+
+  The rows are independent, so under ``jax.jit`` on a batch sharded over devices the plain mean is already the
+  mean over the global batch (XLA inserts the reduction); no shard_map is needed.
+
+  Args:
+    predictions: ``(B, D)`` online predictor outputs, any float dtype.
+    targets: ``(B, D)`` target projector outputs for the other view of the same images.
+
+  Returns:
+    `RegressionLoss`.
+  """
+  _check_pair("predictions", predictions, "targets", targets)
+  predictions = numerics.l2_normalize(predictions)
+  targets = numerics.l2_normalize(jax.lax.stop_gradient(targets))
+  per_example = jnp.sum((predictions - targets) ** 2, axis=-1)
+  return RegressionLoss(jnp.mean(per_example), per_example)
+
+
+class DinoLoss(NamedTuple):
+  """DINO's self-distillation loss and the two numbers that show collapse (scalars, float32, in nats).
+
+  ``loss``: the mean cross-entropy ``H(P_t, P_s)`` over the (teacher crop, other student crop) pairs.
+  ``teacher_entropy``: mean ``H(P_t)`` of the centred and sharpened teacher; ``ln K`` means the teacher
+  collapsed to uniform, near 0 that one dimension dominates. ``kl``: mean ``KL(P_t || P_s) = H(P_t, P_s) -
+  H(P_t)`` over the same pairs, i.e. ``loss - teacher_entropy``; it goes to 0 under either collapse. Being a
+  difference of float32 values of a few nats it is exact to ~1e-6 nats only, and can read slightly below 0.
+  """
+  loss: jax.Array
+  teacher_entropy: jax.Array
+  kl: jax.Array
+
+
+def dino_loss(student_logits, teacher_logits, center, *, student_temperature,
+              teacher_temperature) -> DinoLoss:
+  """DINO's cross-entropy between the centred, sharpened teacher and the student over pairs of crops.
+
+  ``P_t[a] = softmax((t_a - c) / tau_t)`` for each teacher crop ``a`` (under ``stop_gradient``, as is the
+  centre ``c``) and ``log P_s[v] = log_softmax(s_v / tau_s)`` for each student crop ``v``:
+  ``loss = 1/|pairs| sum_{(a, v): v != a} 1/B sum_b -sum_k P_t[a, b, k] log P_s[v, b, k]``,
+  over every teacher crop ``a`` and every student crop ``v`` except ``a`` itself: ``V_t (V_s - 1)`` pairs,
+  the reference's ``n_loss_terms`` (facebookresearch/dino ``DINOLoss``; lightly's ``DINOLoss`` likewise skips
+  the diagonal of its (teacher crop, student crop) matrix). Computed in float32.
+
+  The mean over ``b`` is a plain mean over the global batch under ``jax.jit``, however the batch is sharded;
+  no shard_map is needed. Call it with the centre of the previous step, then `dino_center_update`, as the
+  reference updates its centre after the loss.
+
+  Args:
+    student_logits: ``(V_s, B, K)`` student head outputs for every crop; the first ``V_t`` are the global
+      crops in the teacher's order, the local crops follow.
+    teacher_logits: ``(V_t, B, K)`` teacher head outputs for the global crops.
+    center: ``(K,)`` or ``(1, K)`` running mean of the teacher logits.
+    student_temperature: ``tau_s > 0`` (DINO: 0.1).
+    teacher_temperature: ``tau_t > 0``, a Python number or a traced scalar (`teacher_temperature_schedule`).
+
+  Returns:
+    `DinoLoss`.
+  """
+  _check_dino_logits(student_logits, teacher_logits)
+  _check_center(center, teacher_logits)
+  num_classes = teacher_logits.shape[-1]
+  _check_temperature(student_temperature, "student_temperature")
+  _check_temperature(teacher_temperature, "teacher_temperature")
+  teacher_logits, center = jax.lax.stop_gradient((teacher_logits, center.reshape(num_classes)))
+  teacher_log_probs = jax.nn.log_softmax(
+      (jnp.asarray(teacher_logits, jnp.float32) - center) * _inverse(teacher_temperature), axis=-1)
+  teacher_probs = jnp.exp(teacher_log_probs)
+  student_log_probs = jax.nn.log_softmax(
+      jnp.asarray(student_logits, jnp.float32) * _inverse(student_temperature), axis=-1)
+  # (V_t, V_s): each pair's cross-entropy averaged over the batch. Full float32 products, as in _similarities:
+  # with tau_t = 0.04 the teacher's probabilities are sharp and K is large (65,536).
+  cross_entropy = -jnp.einsum("abk,vbk->av", teacher_probs, student_log_probs,
+                              precision=jax.lax.Precision.HIGHEST) / teacher_logits.shape[1]
+  num_teacher_crops, num_student_crops = cross_entropy.shape
+  other_crop = jnp.arange(num_student_crops) != jnp.arange(num_teacher_crops)[:, None]
+  loss = jnp.sum(jnp.where(other_crop, cross_entropy, 0.0)) / (num_teacher_crops * (num_student_crops - 1))
+  teacher_entropy = -jnp.mean(jnp.sum(teacher_probs * teacher_log_probs, axis=-1))
+  # Every teacher crop meets the same number of student crops (V_s - 1), so the pairs' mean entropy is the
+  # teacher's mean entropy and the mean KL is exactly their difference.
+  return DinoLoss(loss, teacher_entropy, loss - teacher_entropy)
+
+
+def dino_center_update(center, teacher_logits, momentum):
+  """DINO's centre: ``c <- m c + (1 - m) mean_{a, b} t_{a, b}``, the EMA of the raw teacher logits.
+
+  The mean runs over every teacher crop ``a`` and every image ``b`` of the global batch: the reference
+  all-reduces the per-GPU sums and divides by the global count; under ``jax.jit`` the plain mean over the global
+  array is that mean, however the batch is sharded. The result never carries a gradient.
+
+  Args:
+    center: ``(K,)`` or ``(1, K)``; the result has the same shape, in float32.
+    teacher_logits: ``(V_t, B, K)`` teacher head outputs, before centring.
+    momentum: ``m`` in ``[0, 1)`` (DINO: 0.9); a Python number or a traced scalar.
+
+  Returns:
+    The new centre.
+  """
+  if teacher_logits.ndim != 3:
+    raise ValueError(f"teacher_logits must be (V_t, B, K); got {teacher_logits.shape}")
+  _check_center(center, teacher_logits)
+  if not isinstance(momentum, jax.core.Tracer) and not 0 <= float(momentum) < 1:
+    raise ValueError(f"momentum must be in [0, 1); got {momentum}")
+  batch_center = jnp.mean(jnp.asarray(teacher_logits, jnp.float32), axis=(0, 1))
+  momentum = jnp.asarray(momentum, jnp.float32)
+  center = jnp.asarray(center, jnp.float32)
+  return jax.lax.stop_gradient(momentum * center + (1 - momentum) * batch_center.reshape(center.shape))
+
+
+def teacher_temperature_schedule(step, *, warmup_from, final, warmup_steps):
+  """DINO's teacher temperature: ``warmup_from + (final - warmup_from) min(step / warmup_steps, 1)``.
+
+  A linear warm-up then constant (DINO's ViT recipes: 0.04 -> 0.07 over 30 epochs), a pure jittable function of
+  the step (`sslx.schedules.linear_warmup`). The reference steps it once per epoch with ``linspace``, reaching
+  ``final`` at epoch ``warmup - 1``; this ramp moves every step and reaches it at ``warmup_steps``.
+  """
+  for name, value in (("warmup_from", warmup_from), ("final", final)):
+    _check_temperature(value, name)
+  if not isinstance(warmup_steps, jax.core.Tracer) and warmup_steps < 0:
+    raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
+  return schedules.linear_warmup(step, warmup_steps, warmup_from, final)
+
+
+def mocov3_loss(q1, q2, k1, k2, *, temperature,
+                mesh: Optional[Union[Mesh, AbstractMesh]] = None) -> ContrastiveLoss:
+  """MoCo v3's symmetrised InfoNCE: ``2 t (info_nce(q1, k2) + info_nce(q2, k1))``.
+
+  Each view's queries against the momentum encoder's keys of the other view, the positives on the diagonal of
+  the global batch and every other key of the global batch a negative (`info_nce`). The ``2 t`` factor
+  multiplies each term and the two terms are summed, as facebookresearch/moco-v3 does (``ctr_loss(...) * 2T``
+  per direction, ``l1 + l2``): it cancels the ``1/t`` that the logits put into the gradient wrt the cosines.
+  Keys pass through ``stop_gradient``: the momentum encoder gets no gradient. Under a mesh each device builds
+  only its rows of the logits, as in `info_nce`.
+
+  Args:
+    q1, q2: ``(B, D)`` predictor outputs for the first and second views.
+    k1, k2: ``(B, D)`` momentum encoder outputs for the first and second views.
+    temperature: ``t > 0`` (MoCo v3: 0.2 for ViT, 1.0 for ResNet).
+    mesh: the mesh to split the batch over; defaults to the current one (``jax.set_mesh``).
+
+  Returns:
+    `ContrastiveLoss`: ``loss`` as above, ``per_example`` the same combination per row, ``accuracy`` the mean
+    over both directions.
+  """
+  _check_pair("q1", q1, "q2", q2)
+  _check_pair("k1", k1, "k2", k2)
+  _check_pair("q1", q1, "k1", k1)
+  k1, k2 = jax.lax.stop_gradient((k1, k2))
+  first = info_nce(q1, k2, temperature=temperature, mesh=mesh)
+  second = info_nce(q2, k1, temperature=temperature, mesh=mesh)
+  scale = 2 * jnp.asarray(temperature, jnp.float32)
+  return ContrastiveLoss(scale * (first.loss + second.loss), scale * (first.per_example + second.per_example),
+                         (first.accuracy + second.accuracy) / 2)
+
+
+def _check_dino_logits(student_logits, teacher_logits) -> None:
+  if student_logits.ndim != 3:
+    raise ValueError(f"student_logits must be (V_s, B, K); got {student_logits.shape}")
+  if teacher_logits.ndim != 3 or teacher_logits.shape[1:] != student_logits.shape[1:]:
+    raise ValueError(f"teacher_logits must be (V_t, B, K) with the student's B and K "
+                     f"{student_logits.shape[1:]}; got {teacher_logits.shape}")
+  if student_logits.shape[0] < max(2, teacher_logits.shape[0]):
+    raise ValueError(f"student_logits must hold at least 2 crops, the teacher's {teacher_logits.shape[0]} "
+                     f"global crops first; got {student_logits.shape[0]}")
+
+
+def _check_center(center, teacher_logits) -> None:
+  num_classes = teacher_logits.shape[-1]
+  if center.shape not in ((num_classes,), (1, num_classes)):
+    raise ValueError(f"center must be ({num_classes},) or (1, {num_classes}) like the logits' last axis; "
+                     f"got {center.shape}")
