@@ -1,4 +1,4 @@
-"""Pictures people want to look at: image grids written as PNG."""
+"""Pictures people want to look at, written as PNG: image grids, and attention maps as heat maps over images."""
 from __future__ import annotations
 
 import os
@@ -43,3 +43,37 @@ def save_image_grid(path: str, rows: Mapping[str, np.ndarray], **kwargs) -> str:
   grid = image_grid(rows, **kwargs)
   Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(path)
   return path
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+  """``values`` in [0, 1] -> RGB ``(..., 3)`` on a black-red-yellow-white ramp: ``r = 3v``, ``g = 3v - 1``,
+  ``b = 3v - 2``, each clipped to [0, 1]."""
+  values = np.asarray(values, np.float32)[..., None]
+  return np.clip(3 * values - np.arange(3, dtype=np.float32), 0.0, 1.0)
+
+
+def attention_rows(images: np.ndarray, maps: np.ndarray, *, alpha: float = 0.6) -> dict[str, np.ndarray]:
+  """`image_grid` rows, one per image: the image, then each head's map as a heat map over it.
+
+  Args:
+    images: ``(B, H, W, C)`` in [0, 1].
+    maps: ``(B, heads, gh, gw)`` with ``gh`` and ``gw`` dividing ``H`` and ``W`` (a ViT's patch grid); each map
+      is stretched to [0, 1] on its own (heads differ in how peaked they are; the picture shows where each
+      looks), enlarged to the image by repeating each patch's value, and blended as
+      ``(1 - alpha) * image + alpha * heat``.
+  """
+  images, maps = np.asarray(images, np.float32), np.asarray(maps, np.float32)
+  height, width = images.shape[1:3]
+  if height % maps.shape[2] or width % maps.shape[3]:
+    raise ValueError(f"maps of grid {maps.shape[2:]} do not tile images of {height}x{width} pixels")
+  low, high = maps.min(axis=(2, 3), keepdims=True), maps.max(axis=(2, 3), keepdims=True)
+  maps = (maps - low) / np.maximum(high - low, 1e-12)
+  maps = np.repeat(np.repeat(maps, height // maps.shape[2], axis=2), width // maps.shape[3], axis=3)
+  rgb = np.broadcast_to(images, (*images.shape[:3], 3))  # grey images become grey RGB
+  overlays = (1 - alpha) * rgb[:, None] + alpha * heat_colors(maps)
+  return {f"image {i}": np.concatenate([rgb[i][None], overlays[i]]) for i in range(len(images))}
+
+
+def save_attention_grid(path: str, images: np.ndarray, maps: np.ndarray, **kwargs) -> str:
+  """Writes `attention_rows(images, maps)` as a PNG grid (`save_image_grid`) and returns the path."""
+  return save_image_grid(path, attention_rows(images, maps), **kwargs)

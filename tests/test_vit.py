@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from sslx.models import pos_embed
 from sslx.models import vit
 from sslx.models.patches import patchify
 
@@ -251,3 +252,71 @@ def test_config_validation_names_the_key():
   config.pooling = "max"
   with pytest.raises(ValueError, match="config.model.pooling='max'"):
     vit.validate_config(config, 32)
+
+
+# --- learned position table on other grids ------------------------------------------------------------
+
+
+def _table(rows, cols, dim=8, seed=0):
+  return jnp.asarray(np.random.RandomState(seed).randn(rows * cols, dim), jnp.float32)
+
+
+def test_resize_on_the_tables_own_grid_is_the_table_itself():
+  table = _table(4, 4)
+  assert pos_embed.resize_pos_table(table, (4, 4)) is table
+  assert pos_embed.resize_pos_table(table, (4, 4), source_grid=(4, 4)) is table
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (3, 5), (7, 7)])
+def test_resize_gives_one_row_per_patch_and_keeps_a_constant(grid):
+  resized = pos_embed.resize_pos_table(jnp.full((16, 8), 0.37, jnp.float32), grid)
+  assert resized.shape == (grid[0] * grid[1], 8) and resized.dtype == jnp.float32
+  np.testing.assert_allclose(resized, 0.37, rtol=1e-6)
+
+
+def test_resize_keeps_a_ramp_a_ramp():
+  rows, cols = np.meshgrid(np.arange(6.0), np.arange(6.0), indexing="ij")
+  table = jnp.asarray(np.stack([rows.reshape(-1), cols.reshape(-1)], axis=1), jnp.float32)
+  resized = np.asarray(pos_embed.resize_pos_table(table, (4, 11))).reshape(4, 11, 2)
+  row_ramp, col_ramp = resized[:, 0, 0], resized[0, :, 1]
+  np.testing.assert_allclose(resized[..., 0], np.broadcast_to(row_ramp[:, None], (4, 11)), atol=1e-6)
+  np.testing.assert_allclose(resized[..., 1], np.broadcast_to(col_ramp[None, :], (4, 11)), atol=1e-6)
+  for ramp, size in ((row_ramp, 4), (col_ramp, 11)):
+    assert np.all(np.diff(ramp) > 0)
+    ideal = (np.arange(size) + 0.5) * 6 / size - 0.5  # where each output samples the 6-step input ramp
+    inside = (np.floor(ideal) >= 1) & (np.floor(ideal) <= 3)  # all four taps on the grid
+    # torch's a = -0.75 bends a ramp by up to ~5% of a step; taps clamped at the borders bend it more.
+    np.testing.assert_allclose(ramp[inside], ideal[inside], atol=0.05)
+    np.testing.assert_allclose(ramp, ideal, atol=0.15)
+
+
+@pytest.mark.parametrize("source,grid", [((4, 4), (6, 6)), ((4, 4), (2, 3)), ((14, 14), (6, 6)), ((2, 3), (5, 4))])
+def test_resize_matches_torch_bicubic(source, grid):
+  torch = pytest.importorskip("torch")
+  table = _table(*source)
+  image = torch.from_numpy(np.array(table).reshape(*source, -1)).permute(2, 0, 1)[None]
+  expected = torch.nn.functional.interpolate(image, size=grid, mode="bicubic", align_corners=False)
+  expected = expected[0].permute(1, 2, 0).reshape(grid[0] * grid[1], -1).numpy()
+  np.testing.assert_allclose(pos_embed.resize_pos_table(table, grid, source_grid=source), expected, atol=1e-5)
+
+
+def test_resize_needs_the_grid_of_a_non_square_table():
+  with pytest.raises(ValueError, match="not a square patch grid"):
+    pos_embed.resize_pos_table(_table(2, 3), (4, 4))
+  with pytest.raises(ValueError, match=r"source_grid \(3, 3\) does not hold the table's 6 rows"):
+    pos_embed.resize_pos_table(_table(2, 3), (4, 4), source_grid=(3, 3))
+
+
+def test_learned_table_keeps_its_shape_and_is_resized_for_other_image_sizes():
+  model = _tiny(pos_embed="learned", depth=1)
+  params = nn.unbox(jax.jit(lambda key: model.init({"params": key}, _images(), train=False))(jax.random.key(0)))
+  table = params["params"]["pos_embed"]
+  assert table.shape == (16, 32)  # the init images' 4 x 4 grid
+  first_block_input = jax.jit(lambda images: _token_sequence(model, params["params"], images, None))
+  for size, grid in ((32, (4, 4)), (48, (6, 6)), (16, (2, 2))):
+    # Zero images: the patch embedding is its bias (0 at init), so the first block sees the position table.
+    positions = first_block_input(jnp.zeros((1, size, size, 3)))[0, 1:]
+    if grid == (4, 4):
+      np.testing.assert_array_equal(positions, table)
+    else:
+      np.testing.assert_allclose(positions, pos_embed.resize_pos_table(table, grid), atol=1e-6)

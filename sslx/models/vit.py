@@ -24,6 +24,7 @@ from ml_collections.config_dict import placeholder
 
 from sslx import config as config_lib
 from sslx.models import attention as attention_lib
+from sslx.models import pos_embed as pos_embed_lib
 
 Dtype = Any
 
@@ -257,6 +258,11 @@ class VisionTransformer(nn.Module):
   token (``'mean'``). With ``use_mask_token`` the encoder owns a learned ``mask_token`` that replaces the
   patch embeddings a boolean ``mask`` marks (SimMIM, BEiT). ``scan_blocks``, ``remat`` and ``attention``
   change how the blocks are compiled (`run_blocks`, `Attention`), not what they compute.
+
+  Any image size that the patch size divides is encoded: ``pos_embed='sincos'`` computes the table of its
+  grid; a ``'learned'`` table, created for the init images' grid, is resized bicubically to it
+  (`sslx.models.pos_embed`). Crops of several sizes (DINO's global and local crops) are encoded as one call
+  per size.
   """
   patch_size: int
   width: int
@@ -312,8 +318,12 @@ class VisionTransformer(nn.Module):
     if self.pos_embed == "sincos":
       pos = jnp.asarray(sincos_pos_embed_2d(self.width, grid))
     elif self.pos_embed == "learned":
-      pos = self.param("pos_embed", partitioned(token_init, (None, "embed")),
-                       (x.shape[1], self.width), self.param_dtype)
+      # The table keeps the shape of the grid it was created for (at init); other grids get it resized.
+      shape = (x.shape[1], self.width)
+      if self.has_variable("params", "pos_embed"):
+        shape = jnp.shape(nn.unbox(self.get_variable("params", "pos_embed")))
+      pos = self.param("pos_embed", partitioned(token_init, (None, "embed")), shape, self.param_dtype)
+      pos = pos_embed_lib.resize_pos_table(pos, grid)
     else:
       raise ValueError(f"Unknown pos_embed {self.pos_embed!r}; choose 'sincos' or 'learned'.")
     x = x + pos.astype(self.dtype)

@@ -1,0 +1,73 @@
+"""A ViT's last-block attention weights, recomputed explicitly: what DINO's attention-map pictures show.
+
+The blocks attend through `sslx.models.attention.self_attention` (cuDNN's fused kernel on GPU), which returns
+the attended values, never the weights. Here, outside the training program, the encoder runs in evaluation
+mode up to its last block's first LayerNorm, and that block's weights are recomputed from its own parameters:
+
+  [q, k, v] = LN1(x) W_qkv + b_qkv,     A_n = softmax(q_n k_n^T / sqrt(H))     (head n of N, width H = D / N)
+
+over the ``T = 1 + L`` tokens, the class token first; each row of ``A_n`` sums to 1 over all ``T`` keys.
+`cls_attention_maps` keeps the class token's row over the patch keys, ``A_n[0, 1:]``, laid out on the
+patch grid: a map sums to ``1 - A_n[0, 0]`` (the class token's attention to itself is left out, as in DINO's
+pictures).
+
+An encoder with stacked blocks (``config.model.scan_blocks``) is run with them unstacked (exact,
+`sslx.convert.scan_layout`), so both layouts give the same maps; ``remat`` is dropped (it changes nothing in
+evaluation). The encoder module itself is not changed: its training program stays what it was.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sslx.convert import scan_layout
+from sslx.models import vit
+
+
+def head_attention(tokens: jax.Array, qkv_kernel: jax.Array, qkv_bias: jax.Array, num_heads: int) -> jax.Array:
+  """``A_n = softmax(q_n k_n^T / sqrt(H))`` of every head, float32 ``(B, N, T, T)`` (module docstring).
+
+  Args:
+    tokens: ``(B, T, D)``, the block's input after its first LayerNorm.
+    qkv_kernel: ``(D, 3D)``: q, k and v for each head, in `sslx.models.vit.Attention`'s ``(3, N, H)`` order.
+    qkv_bias: ``(3D,)``.
+    num_heads: ``N``.
+  """
+  batch, length, width = tokens.shape
+  highest = jax.lax.Precision.HIGHEST  # maps are read, not trained: no TF32 on GPU
+  qkv = jnp.einsum("btd,de->bte", tokens.astype(jnp.float32), qkv_kernel.astype(jnp.float32), precision=highest)
+  qkv = (qkv + qkv_bias.astype(jnp.float32)).reshape(batch, length, 3, num_heads, width // num_heads)
+  logits = jnp.einsum("btnh,bsnh->bnts", qkv[:, :, 0], qkv[:, :, 1], precision=highest)
+  return jax.nn.softmax(logits / jnp.sqrt(jnp.float32(width // num_heads)), axis=-1)
+
+
+def last_block_attention(encoder: nn.Module, variables, images: jax.Array) -> jax.Array:
+  """The attention weights of ``encoder``'s last block on ``images``, float32 ``(B, N, 1 + L, 1 + L)``.
+
+  Args:
+    encoder: an sslx ViT (`sslx.models.vit.VisionTransformer`), either block layout.
+    variables: its variables (``{'params': ...}``), boxed or not.
+    images: ``(B, H, W, C)``, normalised as in training; any size the patch size divides.
+  """
+  if not isinstance(encoder, vit.VisionTransformer):
+    raise ValueError(f"Attention maps need a ViT encoder, not {type(encoder).__name__}")
+  variables = scan_layout.unstack_blocks(nn.unbox(variables))
+  last = f"block_{encoder.depth - 1}"
+  is_norm1 = lambda module, method: method == "__call__" and module.path == (last, "norm1")
+  _, state = encoder.clone(scan_blocks=False, remat="none").apply(
+      variables, images, train=False, capture_intermediates=is_norm1, mutable=["intermediates"])
+  tokens = state["intermediates"][last]["norm1"]["__call__"][0]
+  qkv = variables["params"][last]["attn"]["qkv"]
+  return head_attention(tokens, qkv["kernel"], qkv["bias"], encoder.num_heads)
+
+
+def cls_attention_maps(encoder: nn.Module, variables, images: jax.Array) -> jax.Array:
+  """The class token's attention over the patches in the last block, float32 ``(B, N, grid_h, grid_w)``.
+
+  Row-major patch grid of ``images`` (``grid_h = H / patch``); each map sums to 1 minus the class token's
+  attention to itself (module docstring). Jittable with ``encoder`` static (``functools.partial``).
+  """
+  weights = last_block_attention(encoder, variables, images)
+  grid = (images.shape[1] // encoder.patch_size, images.shape[2] // encoder.patch_size)
+  return weights[:, :, 0, 1:].reshape(*weights.shape[:2], *grid)
