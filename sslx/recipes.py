@@ -220,6 +220,56 @@ def mocov2_imagenet(arg: str | None) -> ml_collections.ConfigDict:
   return config_lib.finalize(config)
 
 
+def byol_view(size: int, *, blur: float = 1.0, solarize: float = 0.0) -> str:
+  """One of BYOL's two views (Grill et al. 2020, Table 6; deepmind-research ``byol/utils/augmentations.py``):
+  random resized crop of 8-100% (bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with probability 0.8,
+  grayscale 0.2, Gaussian blur (sigma in [0.1, 2], kernel ~10% of the side) with probability ``blur``,
+  solarisation (of the pixels >= 128) with probability ``solarize``. The defaults are view 1's; `byol_views`
+  gives the pair. The reference shifts brightness by an added delta; ours scales it, as torchvision."""
+  return (f"random_resized_crop({size}, scale=(0.08, 1.0), interpolation='bicubic')|hflip"
+          "|color_jitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, p=0.8)|grayscale(p=0.2)"
+          f"|blur(p={blur}, sigma=(0.1, 2.0))|solarize(p={solarize})")
+
+
+def byol_views(size: int) -> tuple[str, str]:
+  """BYOL's asymmetric pair: view 1 always blurred and never solarised, view 2 blurred with probability 0.1
+  and solarised with probability 0.2."""
+  return byol_view(size, blur=1.0, solarize=0.0), byol_view(size, blur=0.1, solarize=0.2)
+
+
+# BYOL's published hyper-parameters by run length in epochs (deepmind-research byol/configs/byol.py): LARS base
+# lr (x batch / 256), weight decay, target momentum tau_0. The paper's headline ResNet-50 ran 1000 epochs.
+BYOL_PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99),
+                1000: (0.2, 1.5e-6, 0.996)}
+
+
+def byol_imagenet(arg: str | None) -> ml_collections.ConfigDict:
+  """BYOL ResNet-50 pretraining on ImageNet-1k as in Grill et al. 2020 (deepmind-research ``byol/``).
+
+  Global batch 4096, the two `byol_views`, projector and predictor 4096-256 (`sslx.models.heads.byol_head`);
+  LARS (momentum 0.9, trust coefficient 0.001) with 10 warm-up epochs then half-cosine to 0, biases and
+  BatchNorm parameters out of weight decay and LARS's trust ratio (as the reference's
+  ``exclude_bias_and_norm``). Learning rate, weight decay and tau_0 by run length (`BYOL_PRESETS`): the
+  paper's 1000 epochs 0.2 x batch / 256, 1.5e-6, 0.996; 300 epochs 0.3, 1e-6, 0.99. A run length between
+  the published ones takes the presets of the longest published run it reaches (below 40 epochs: 40's).
+
+  Arguments: ``epochs=N`` (default 300); ``local``: see `_shrink_for_cpu`.
+  """
+  args = config_args.parse_arg(arg, local=False, epochs=300)
+  base_lr, weight_decay, momentum = BYOL_PRESETS[max((e for e in BYOL_PRESETS if e <= args.epochs), default=40)]
+  config = _resnet50_imagenet("byol", byol_view)
+  config.batch_size = 4096
+  config.num_epochs = args.epochs
+  config.method.momentum = momentum
+  config.optimizer.update(dict(name="lars", base_lr=base_lr, momentum=0.9, weight_decay=weight_decay,
+                               wd_mults=optim.DEFAULT_WD_MULTS))
+  config.schedule.update(dict(warmup_epochs=10.0, min_lr=0.0))
+  if args.local:
+    _shrink_for_cpu(config, byol_view)
+  config.data.views = byol_views(config.data.image_size)
+  return config_lib.finalize(config)
+
+
 def _contrastive_fashion_mnist(method: str) -> ml_collections.ConfigDict:
   """A ResNet-18 with the small-image stem at half width (32: 256 features) on two `FASHION_MNIST_VIEW`
   views of Fashion-MNIST, batch 256, 2 epochs, ending with kNN and linear-probe accuracy beside a random
@@ -274,5 +324,21 @@ def mocov2_fashion_mnist() -> ml_collections.ConfigDict:
   config.model.bn_groups = 8
   config.optimizer.update(dict(name="sgd", base_lr=0.3, momentum=0.9, weight_decay=5e-4,
                                wd_mults=((".*", 1.0),)))
+  config.schedule.update(dict(warmup_epochs=0.2, min_lr=0.0))
+  return config
+
+
+def byol_fashion_mnist() -> ml_collections.ConfigDict:
+  """BYOL on Fashion-MNIST (`_contrastive_fashion_mnist`): both views the grey-image `FASHION_MNIST_VIEW`
+  (no saturation, hue, grayscale or blur, and no solarisation: BYOL's asymmetry lives in blur and solarise),
+  projector and predictor 512-128 (512 = twice the 256 features, as 4096 is twice ResNet-50's 2048), tau_0 =
+  0.99 (the run is 468 steps); LARS lr 0.45 x batch / 256 (the reference's shortest-run preset) with a
+  0.2-epoch warm-up, weight decay 1e-6 on kernels. Chosen for a 2-epoch CPU run, not tuned. Unlocked."""
+  config = _contrastive_fashion_mnist("byol")
+  config.method.momentum = 0.99
+  config.method.projector = heads.byol_head(hidden_dim=512, out_dim=128)
+  config.method.predictor = heads.byol_head(hidden_dim=512, out_dim=128)
+  config.optimizer.update(dict(name="lars", base_lr=0.45, momentum=0.9, weight_decay=1e-6,
+                               wd_mults=optim.DEFAULT_WD_MULTS))
   config.schedule.update(dict(warmup_epochs=0.2, min_lr=0.0))
   return config

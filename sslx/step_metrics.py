@@ -1,5 +1,10 @@
 """What the training loop does with each step's metrics: stops on non-finite values, averages them between
-logs and writes them (progress line, JSONL, TensorBoard)."""
+logs and writes them (progress line, JSONL, TensorBoard), and warns when the method reports a collapse.
+
+A method that can tell its own collapse (DINO: a uniform or one-hot teacher the student has caught up with)
+reports a per-step ``collapse`` metric, 1 or 0; its mean over the steps since the last log is the fraction
+flagged, and any fraction above 0 is logged as a warning. The loop needs no knowledge of the method.
+"""
 from __future__ import annotations
 
 import math
@@ -7,8 +12,11 @@ import os
 from typing import Optional
 
 import numpy as np
+from absl import logging
 
 from sslx import metrics as metrics_lib
+
+COLLAPSE = "collapse"  # the per-step 0/1 metric a method reports when it sees itself collapsed
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,6 +74,14 @@ def mean_metrics(step_metrics: list[tuple[int, dict]], schedule_names) -> dict[s
   return scalars
 
 
+def warn_collapse(step: int, scalars: dict[str, float], method: str) -> None:
+  """Logs a warning when the logged mean of the ``collapse`` metric of ``method`` (its name) is above 0."""
+  fraction = scalars.get(COLLAPSE, 0.0)
+  if fraction > 0:
+    logging.warning("step %d: collapse: %s flagged %.0f%% of the steps since the last log (sslx/methods/%s.py "
+                    "says what it watches).", step, method, 100 * fraction, method)
+
+
 def is_due(period_steps: Optional[float], step: int, is_last: bool) -> bool:
   return period_steps is not None and (step % max(int(round(period_steps)), 1) == 0 or is_last)
 
@@ -79,6 +95,7 @@ class RunLogger:
 
   def __init__(self, config, workdir: str, *, total_steps: int, start_step: int, is_lead: bool):
     self._lead = is_lead
+    self._method = config.method.name
     self.progress = metrics_lib.ProgressLine(total_steps, config.batch_size)
     if self._lead:
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -95,6 +112,7 @@ class RunLogger:
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if self._lead:
+      warn_collapse(step, scalars, self._method)
       self._jsonl.write(step, scalars)
       self._tensorboard.write_scalars(step, scalars)
 

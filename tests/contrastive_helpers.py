@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from test_configs import load_config
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The monitors' kNN and probe reports are tested elsewhere; off, each run is ~10 s shorter. Every step's loss
@@ -134,3 +136,21 @@ def assert_same_steps(eight_dir, one_dir, steps=2):
       atol = 1e-7 + 1e-5 * float(np.abs(value).max())
       np.testing.assert_allclose(eight[name], value, rtol=1e-4, atol=atol, err_msg=f"step {step}: {name}")
 
+
+def tiny_config(config_name, **overrides):
+  """The ``:test`` config of ``config_name``, unlocked, with ``overrides`` given by dotted key (``method.momentum``)."""
+  config = load_config(config_name, "test")
+  config.unlock()
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    section = config
+    for parent in parents:
+      section = section[parent]
+    section[leaf] = value
+  return config
+
+
+def random_views(batch_size, seed, num_views=2, size=28):
+  """A batch of ``num_views`` views of ``size`` px grey images of Gaussian noise, as float32 numpy."""
+  rng = np.random.default_rng(seed)
+  return {f"view_{i}": rng.normal(size=(batch_size, size, size, 1)).astype(np.float32) for i in range(num_views)}

@@ -104,6 +104,9 @@ _REGISTRY = {
     "mae": "sslx.methods.mae",
     "simclr": "sslx.methods.simclr",
     "moco": "sslx.methods.moco",
+    "byol": "sslx.methods.byol",
+    "mocov3": "sslx.methods.mocov3",
+    "dino": "sslx.methods.dino",
     # Supervised training of an encoder (fine-tuning a pretrained one, or from scratch) is the same kind of
     # bundle, trained by the same loop.
     "finetune": "sslx.methods.finetune",

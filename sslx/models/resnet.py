@@ -73,7 +73,8 @@ class BatchNorm(nn.Module):
   With ``train=False`` it normalises with the running averages. Statistics are float32 whatever the
   compute dtype. Under ``jax.jit`` with the batch sharded over devices the means are over the global
   batch (XLA inserts the all-reduce), so no axis name is needed. ``use_bias=False`` drops ``bias`` (Keras'
-  ``center=False``, as the last layer of SimCLR's projection head).
+  ``center=False``, as the last layer of SimCLR's projection head); ``use_scale=False`` drops ``scale`` too
+  (torch's ``affine=False``, as the last layer of MoCo v3's heads).
 
   ``groups > 1`` is ghost BatchNorm: in training, each of ``groups`` consecutive equal slices of the batch is
   normalised with its own statistics (``n`` then counts one slice's values), and the running averages move
@@ -84,6 +85,7 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   zero_scale: bool = False
   use_bias: bool = True
+  use_scale: bool = True
   groups: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -92,7 +94,9 @@ class BatchNorm(nn.Module):
   def __call__(self, x, *, train: bool):
     channels = x.shape[-1]
     scale_init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
-    scale = self.param("scale", partitioned(scale_init, CHANNEL_AXES), (channels,), self.param_dtype)
+    scale = jnp.ones((channels,), self.param_dtype)
+    if self.use_scale:
+      scale = self.param("scale", partitioned(scale_init, CHANNEL_AXES), (channels,), self.param_dtype)
     bias = jnp.zeros((channels,), self.param_dtype)
     if self.use_bias:
       bias = self.param("bias", partitioned(nn.initializers.zeros, CHANNEL_AXES), (channels,),
