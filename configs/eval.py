@@ -27,7 +27,8 @@ Arguments (``name,flag,key=value``; ``:`` separates too):
 
 The encoder, its data set and splits come from ``init_from`` (its config.json and newest checkpoint);
 ``--config.data_dir`` points at data that moved, and ``--config.model.pooling=cls|mean`` evaluates that
-pooling of its encoder instead of the run's own (None). Without ``init_from`` a randomly initialised encoder
+pooling of its encoder instead of the run's own (None), and ``--config.embed_from`` another network of the run
+(DINO's ``student``, BYOL's or MoCo v3's ``target``). Without ``init_from`` a randomly initialised encoder
 (the quick start's shape, or ViT-B/16 for ImageNet) is evaluated on the config's data, the baseline that
 says what pretraining bought. Settings: ``config.eval.*``; ``config.eval.batch_size`` is global, over
 all processes. Results are printed and written to ``<workdir>/results.json``.

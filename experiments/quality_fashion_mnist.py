@@ -3,7 +3,7 @@ pretrained encoders, each with every pooling its encoder offers (class token and
 ViT, the global mean for a ResNet), under one protocol.
 
   python experiments/quality_fashion_mnist.py --runs=runs/quickstart [--runs=runs/mae_10ep ...] \
-      [--json_out=quality.jsonl] [--baselines=false: the runs only]
+      [--json_out=quality.jsonl] [--baselines=false: the runs only] [--embed_from=student: DINO's student]
 
 Protocol (the one `configs/eval.py` uses): the full 60k training split is the kNN bank and the probe's
 training set, the 10k test split is scored; images are normalised with the Fashion-MNIST mean and std;
@@ -31,6 +31,8 @@ _RUNS = flags.DEFINE_multi_string("runs", [], "Pretraining workdirs to evaluate.
 _K = flags.DEFINE_integer("k", 20, "Neighbours of the weighted kNN.")
 _PROBE_L2 = flags.DEFINE_float("probe_l2", None, "A fixed L2 weight for the probe; None: chosen on held-out.")
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also score raw pixels and a random encoder.")
+_EMBED_FROM = flags.DEFINE_string("embed_from", None, "The runs' network to score (e.g. student, target); "
+                                  "None: each run's own.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Append one JSON line per row to this file.")
 
 
@@ -66,7 +68,7 @@ def main(argv) -> None:
                                                                             data_config, eval_config)))
   for workdir in _RUNS.value:
     for pooling in _poolings(init_from.load_run_config(workdir)):
-      _, method, state = eval_run.restored_run(workdir, pooling=pooling)
+      _, method, state = eval_run.restored_run(workdir, pooling=pooling, embed_from=_EMBED_FROM.value)
       rows.append((workdir, pooling, eval_run.evaluate_representation(tasks, method.embed, state, data_config,
                                                                       eval_config)))
   print(f"\n| features | pooling | kNN top-1 (k={_K.value}) | linear top-1 | probe L2 |\n|---|---|---|---|---|")

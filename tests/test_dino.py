@@ -14,6 +14,7 @@ from sslx import recipes_distillation
 from sslx import step_metrics
 from sslx import train
 from sslx import viz
+from sslx.evaluate import run as eval_run
 from sslx.methods import RunLength
 from sslx.methods import dino
 from sslx.models import attention_weights
@@ -298,3 +299,20 @@ def test_eight_devices_train_as_one(cli_run, tmp_path):
   centre and teacher."""
   helpers.train_on_eight_devices(CONFIG, tmp_path / "eight")
   helpers.assert_same_steps(tmp_path / "eight", cli_run)
+
+
+def test_evaluation_reads_the_teacher_or_the_student_of_a_run(cli_run):
+  """The kNN / linear-probe commands' `restored_run`: the run's teacher by default, its student with
+  ``--config.embed_from=student``; a value the method does not know names the key."""
+  images = np.random.default_rng(0).normal(size=(4, 28, 28, 1)).astype(np.float32)
+  embeddings = {}
+  for embed_from in (None, "student"):
+    run_config, method, (variables, method_state) = eval_run.restored_run(str(cli_run), embed_from=embed_from)
+    encoder = dino.networks(run_config)[0].encoder
+    source = variables if embed_from == "student" else method_state["teacher"]
+    _, aux = encoder.apply({"params": source["params"]["encoder"]}, images, train=False)
+    embeddings[embed_from] = np.asarray(method.embed(variables, method_state, images))
+    np.testing.assert_allclose(embeddings[embed_from], aux["pooled"], rtol=1e-5, atol=1e-6)
+  assert np.abs(embeddings[None] - embeddings["student"]).max() > 1e-4  # after 6 steps they differ
+  with pytest.raises(ValueError, match=r"config\.method\.embed_from='online' is not one of"):
+    eval_run.restored_run(str(cli_run), embed_from="online")

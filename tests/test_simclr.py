@@ -12,6 +12,7 @@ import pytest
 from sslx import checks
 from sslx import methods
 from sslx import optim
+from sslx.evaluate import run as eval_run
 from sslx.methods import simclr
 from sslx.models import heads
 import contrastive_helpers as helpers
@@ -129,3 +130,8 @@ def test_local_recipe_trains_from_the_command_line_on_a_tfds_dataset(tmp_path):
   assert "done: step 2" in result.stdout
   losses = [row["loss"] for row in helpers.rows(tmp_path / "run").values()]
   assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_evaluation_refuses_to_pick_a_network_simclr_does_not_have(cli_run):
+  with pytest.raises(ValueError, match=r"config\.embed_from='target': the simclr run .* has one representation"):
+    eval_run.restored_run(str(cli_run), embed_from="target")

@@ -24,6 +24,7 @@ from sslx import checks
 from sslx import config as config_lib
 from sslx import init_from
 from sslx import models
+from sslx import methods
 from sslx import parallel
 from sslx.data import pipeline
 from sslx.evaluate import diagnostics
@@ -36,19 +37,27 @@ from sslx.methods import build_method
 DIAGNOSTICS_EXAMPLES = 4096
 
 
-def restored_run(run_dir: str, mesh=None, pooling: Optional[str] = None):
+def restored_run(run_dir: str, mesh=None, pooling: Optional[str] = None, embed_from: Optional[str] = None):
   """``(run_config, method, (variables, method_state))`` of the newest checkpoint in ``run_dir``.
 
   Only params, model state and method state are read (no optimizer state), replicated over ``mesh``
   (default ``parallel.create_mesh(1)``, the devices of every process): the encoder is frozen and only the
-  batch is split. ``pooling`` (``config.model.pooling``) overrides the run's.
+  batch is split. ``pooling`` (``config.model.pooling``) overrides the run's, and ``embed_from`` the run's
+  ``config.method.embed_from``, the network its method evaluates (DINO: ``'teacher' | 'student'``; BYOL and
+  MoCo v3: ``'online' | 'target'``); a method with one representation has no such key, which is an error.
   """
   mesh = parallel.create_mesh(1) if mesh is None else mesh
   run_config = init_from.load_run_config(run_dir)
+  # The overrides are the keys of the run's config not checked when that run started.
   if pooling is not None:
     run_config.model.pooling = pooling
-    # The override is the one key of the run's config not checked when that run started.
     models.validate_config(run_config.model, run_config.data.image_size)
+  if embed_from is not None:
+    if "embed_from" not in run_config.method:
+      raise ValueError(f"config.embed_from={embed_from!r}: the {run_config.method.name} run {run_dir} has one "
+                       "representation to evaluate, so leave the key unset")
+    run_config.method.embed_from = embed_from
+    methods.validate_config(run_config)
   reader = init_from.RunReader(run_dir, mesh, run_config)
   state = reader.state()
   reader.close()
@@ -156,12 +165,16 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     raise ValueError(f"config.init_from={config.init_from!r}: an evaluation reads one run's encoder; give "
                      "that run's workdir")
   if mappings:
-    run_config, method, state = restored_run(mappings[0].run_dir, pooling=config.model.get("pooling"))
+    run_config, method, state = restored_run(mappings[0].run_dir, pooling=config.model.get("pooling"),
+                                             embed_from=config.embed_from)
     data_config = run_config.data
     if config.data_dir is not None:
       data_config.data_dir = config.data_dir
     _check_eval_split(config.task, data_config, "the evaluated run's config")
   else:
+    if config.embed_from is not None:
+      raise ValueError(f"config.embed_from={config.embed_from!r} picks a network of the run that "
+                       "config.init_from names; a random initialisation has none to pick")
     checks.validate_run_config(config)
     data_config = config.data
     _check_eval_split(config.task, data_config, "this config")  # before the random init compiles
@@ -220,7 +233,9 @@ def eval_task_config(task: str, like) -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.task = task
   config.model, config.method, config.data = like.model, like.method, like.data
-  # None: the run's own pooling; 'cls' / 'mean' evaluates that instead.
+  # None: the run's own pooling and network; 'cls' / 'mean' evaluates that pooling instead, and e.g. 'student'
+  # DINO's student instead of its teacher.
   config.model.pooling = ml_collections.config_dict.placeholder(str)
+  config.embed_from = ml_collections.config_dict.placeholder(str)
   config.data_dir = ml_collections.config_dict.placeholder(str)
   return config
