@@ -6,9 +6,12 @@ import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from sslx import methods
 
 from test_configs import load_config
 
@@ -154,3 +157,20 @@ def random_views(batch_size, seed, num_views=2, size=28):
   """A batch of ``num_views`` views of ``size`` px grey images of Gaussian noise, as float32 numpy."""
   rng = np.random.default_rng(seed)
   return {f"view_{i}": rng.normal(size=(batch_size, size, size, 1)).astype(np.float32) for i in range(num_views)}
+
+
+def fresh_teacher_student(config, batch_size=8):
+  """A freshly initialised online network + target (BYOL, MoCo v3) on random views: ``config``, ``method``,
+  ``variables``, ``method_state``, ``batch``, and the loss, its aux and its gradients with respect to the online
+  params and to the target network, from one compilation."""
+  method = methods.build_method(config)
+  batch = random_views(batch_size, 0)
+  variables, method_state = nn.unbox(method.init(jax.random.PRNGKey(0), {"image": batch["view_0"][:1]}))
+
+  def loss_of(params, target):
+    return method.loss_fn({**variables, "params": params}, {"target": target}, batch, jax.random.PRNGKey(1))
+
+  (loss, aux), grads = jax.jit(jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True))(
+      variables["params"], method_state["target"])
+  return dict(config=config, method=method, variables=variables, method_state=method_state, batch=batch,
+              loss=loss, aux=aux, grads=grads)

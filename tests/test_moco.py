@@ -27,15 +27,7 @@ def cli_run(tmp_path_factory):
 
 
 def _config(**overrides):
-  config = load_config(CONFIG, "test")
-  config.unlock()
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    section = config
-    for parent in parents:
-      section = section[parent]
-    section[leaf] = value
-  return config
+  return helpers.tiny_config(CONFIG, **overrides)
 
 
 def _views(batch_size, seed):

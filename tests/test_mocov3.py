@@ -34,21 +34,9 @@ def cli_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fresh():
-  """A freshly initialised MoCo v3 (the one-block ViT of the :test config) at batch 8: config, method,
-  variables, method_state, batch, and the loss, its aux and its gradients with respect to the online params
-  and to the momentum encoder (one compilation)."""
-  config = helpers.tiny_config(CONFIG, batch_size=8)
-  method = methods.build_method(config)
-  batch = helpers.random_views(8, 0)
-  variables, method_state = nn.unbox(method.init(jax.random.PRNGKey(0), {"image": batch["view_0"][:1]}))
-
-  def loss_of(params, target):
-    return method.loss_fn({**variables, "params": params}, {"target": target}, batch, jax.random.PRNGKey(1))
-
-  (loss, aux), grads = jax.jit(jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True))(
-      variables["params"], method_state["target"])
-  return dict(config=config, method=method, variables=variables, method_state=method_state, batch=batch,
-              loss=loss, aux=aux, grads=grads)
+  """A freshly initialised MoCo v3 (the one-block ViT of the :test config) at batch 8
+  (`contrastive_helpers.fresh_teacher_student`)."""
+  return helpers.fresh_teacher_student(helpers.tiny_config(CONFIG, batch_size=8))
 
 
 def test_only_the_online_network_gets_a_gradient(fresh):
