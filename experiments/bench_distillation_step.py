@@ -59,7 +59,6 @@ import json
 import math
 import os
 import sys
-import time
 from typing import Optional
 
 from absl import app, flags
@@ -76,7 +75,7 @@ from sslx.methods import RunLength, build_method, dino, mocov3
 from sslx.methods import validate_config as validate_method_config
 from sslx.models import vit
 
-from step_timing import median_step_seconds
+from step_timing import median_step_seconds, time_sslx_step
 import torch_peers
 
 IMAGENET_TRAIN_EXAMPLES = 1_281_167  # sets the length of the recipes' schedules
@@ -152,20 +151,7 @@ def bench_sslx(config, crops: list[np.ndarray], options: Options) -> dict:
   state = xla_options.jit(lambda rng: nn.unbox(train.init_train_state(method, tx, rng, (size, size, 3))))(
       jax.random.PRNGKey(config.seed))
   inputs = {f"view_{i}": jax.device_put(crop) for i, crop in enumerate(crops)}
-  start = time.perf_counter()
-  compiled = xla_options.jit(train.make_train_step(method, tx, schedules), donate_argnums=(0,)).lower(
-      state, inputs).compile()
-  compile_s = time.perf_counter() - start
-  metrics = {}
-
-  def run_step():
-    nonlocal state, metrics
-    state, metrics = compiled(state, inputs)
-
-  seconds = median_step_seconds(run_step, lambda: jax.block_until_ready(state), warmup=options.warmup,
-                                steps=options.steps)
-  return dict(seconds_per_step=seconds, compile_s=compile_s, loss=float(metrics["loss"]),
-              device=jax.devices()[0].device_kind)
+  return time_sslx_step(method, tx, schedules, state, inputs, warmup=options.warmup, steps=options.steps)
 
 
 def _lightly_class(module_name: str, class_name: str):

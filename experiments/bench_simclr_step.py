@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 import flax.linen as nn
@@ -32,7 +31,7 @@ from sslx import train
 from sslx import xla_options
 from sslx.methods import RunLength, build_method
 
-from step_timing import median_step_seconds
+from step_timing import median_step_seconds, time_sslx_step
 from torch_peers import torchvision_resnet50
 
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images per step (each in two views).", lower_bound=2)
@@ -68,20 +67,7 @@ def bench_sslx() -> dict:
       jax.random.PRNGKey(config.seed))
   views = jax.random.normal(jax.random.PRNGKey(1), (2, batch, size, size, 3))
   inputs = {"view_0": views[0], "view_1": views[1], "label": jnp.zeros((batch,), jnp.int32)}
-  start = time.perf_counter()
-  compiled = xla_options.jit(train.make_train_step(method, tx, schedules), donate_argnums=(0,)).lower(
-      state, inputs).compile()
-  compile_s = time.perf_counter() - start
-  metrics = {}
-
-  def run_step():
-    nonlocal state, metrics
-    state, metrics = compiled(state, inputs)
-
-  seconds = median_step_seconds(run_step, lambda: jax.block_until_ready(state), warmup=_WARMUP.value,
-                                steps=_STEPS.value)
-  return dict(seconds_per_step=seconds, compile_s=compile_s, loss=float(metrics["loss"]),
-              device=jax.devices()[0].device_kind)
+  return time_sslx_step(method, tx, schedules, state, inputs, warmup=_WARMUP.value, steps=_STEPS.value)
 
 
 def _lightly_ntxent_class():

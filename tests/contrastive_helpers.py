@@ -174,3 +174,17 @@ def fresh_teacher_student(config, batch_size=8):
       variables["params"], method_state["target"])
   return dict(config=config, method=method, variables=variables, method_state=method_state, batch=batch,
               loss=loss, aux=aux, grads=grads)
+
+
+def per_view_reference(fresh, online, target):
+  """Each view of ``fresh['batch']`` as its own training-mode pass, by hand: the online outputs (the second pass
+  starting from the BatchNorm averages the first left), their ``batch_stats``, and the target's outputs."""
+  variables, method_state, batch = fresh["variables"], fresh["method_state"], fresh["batch"]
+
+  def run(model, model_variables, images):
+    return model.apply(model_variables, images, train=True, mutable=["batch_stats"])
+
+  first, stats = run(online, variables, batch["view_0"])
+  second, stats = run(online, {**variables, **stats}, batch["view_1"])
+  targets = [run(target, method_state["target"], batch[f"view_{i}"])[0] for i in range(2)]
+  return (first, second), stats, targets

@@ -70,22 +70,15 @@ def test_target_is_the_scheduled_moving_average_of_the_online_network(fresh):
 def test_each_view_is_its_own_batch(fresh):
   """The loss is the symmetric BYOL loss of each view's own pass (BatchNorm over that view's rows only), and
   the running averages take the first view's update, then the second's."""
-  variables, method_state, batch = fresh["variables"], fresh["method_state"], fresh["batch"]
   metrics, _, model_state = fresh["aux"]
-  online, target = byol.networks(fresh["config"])
-
-  def run(model, model_variables, images):
-    return model.apply(model_variables, images, train=True, mutable=["batch_stats"])
-
-  p0, stats = run(online, variables, batch["view_0"])
-  p1, stats = run(online, {**variables, **stats}, batch["view_1"])
-  z0, _ = run(target, method_state["target"], batch["view_0"])
-  z1, _ = run(target, method_state["target"], batch["view_1"])
+  (p0, p1), stats, (z0, z1) = helpers.per_view_reference(fresh, *byol.networks(fresh["config"]))
   expected = losses.byol_loss(p0, z1).loss + losses.byol_loss(p1, z0).loss
   np.testing.assert_allclose(fresh["loss"], expected, rtol=1e-5)
   np.testing.assert_allclose(metrics["cosine"], 1 - expected / 4, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), model_state, dict(stats))
-  both, _ = run(online, variables, np.concatenate([batch["view_0"], batch["view_1"]]))
+  batch, online = fresh["batch"], byol.networks(fresh["config"])[0]
+  both, _ = online.apply(fresh["variables"], np.concatenate([batch["view_0"], batch["view_1"]]), train=True,
+                         mutable=["batch_stats"])
   assert float(np.abs(both[:8] - p0).max()) > 1e-3  # one 2N batch would normalise differently
 
 

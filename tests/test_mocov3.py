@@ -52,17 +52,8 @@ def test_only_the_online_network_gets_a_gradient(fresh):
 def test_each_view_is_its_own_batch(fresh):
   """The loss is MoCo v3's of each view's own pass through each network (BatchNorm over that view's rows only),
   and the online running averages take the first view's update, then the second's."""
-  variables, method_state, batch = fresh["variables"], fresh["method_state"], fresh["batch"]
   metrics, _, model_state = fresh["aux"]
-  online, momentum_encoder = byol.networks(fresh["config"])
-
-  def run(model, model_variables, images):
-    return model.apply(model_variables, images, train=True, mutable=["batch_stats"])
-
-  q1, stats = run(online, variables, batch["view_0"])
-  q2, stats = run(online, {**variables, **stats}, batch["view_1"])
-  k1, _ = run(momentum_encoder, method_state["target"], batch["view_0"])
-  k2, _ = run(momentum_encoder, method_state["target"], batch["view_1"])
+  (q1, q2), stats, (k1, k2) = helpers.per_view_reference(fresh, *byol.networks(fresh["config"]))
   expected = losses.mocov3_loss(q1, q2, k1, k2, temperature=0.2)
   np.testing.assert_allclose(fresh["loss"], expected.loss, rtol=1e-5)
   np.testing.assert_allclose(metrics["contrastive_accuracy"], expected.accuracy, rtol=1e-6)
