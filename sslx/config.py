@@ -90,7 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip_norm=placeholder(float),
       layer_decay=placeholder(float),  # lr of ViT block i scaled by decay^(L+1-i) (fine-tuning); None: off
   ))
-  config.schedule = ml_collections.ConfigDict(dict(warmup_epochs=40.0, min_lr=0.0))
+  # decay: 'cosine' to min_lr, or 'multistep' (x gamma at each of milestone_epochs; SimMIM): optim.py.
+  config.schedule = ml_collections.ConfigDict(dict(warmup_epochs=40.0, min_lr=0.0, decay="cosine",
+                                                   milestone_epochs=(), gamma=0.1))
   config.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=1000, max_to_keep=3, async_save=True,
       best_metric=placeholder(str),  # e.g. 'eval/top1': also keep the best-scoring state in <workdir>/best

@@ -36,6 +36,7 @@ Schedule = Callable[[Any], Any]  # step (int or traced) -> value
 
 OPTIMIZERS = ("adamw", "lars", "sgd")
 LR_SCALINGS = ("linear", "sqrt")
+LR_DECAYS = ("cosine", "multistep")  # config.schedule.decay, after the warm-up
 
 # Kernels decay, nothing else: biases, norm scales, tokens and position tables are exempt, as in the MAE /
 # BEiT fine-tuning recipes and in the SimCLR / BYOL LARS recipes.
@@ -115,16 +116,25 @@ def learning_rate_schedule(config, *, steps_per_epoch: int, total_steps: int) ->
   with ``peak = base_lr * batch_size / lr_batch_base`` (the linear scaling rule, as in MAE), or with
   ``lr_scaling='sqrt'`` ``peak = base_lr * sqrt(batch_size / lr_batch_base)`` (SimCLR's alternative for small
   batches and long runs: 0.075 sqrt(batch) with ``lr_batch_base=1``).
+
+  ``config.schedule.decay='multistep'`` (a key only configs that use it define) replaces the half-cosine by
+  steps: ``lr_t = peak * gamma^n(t)`` for ``t >= W``, ``n(t)`` the number of ``milestone_epochs`` reached
+  (`schedules.multistep_decay`; SimMIM: x0.1 at epoch 700 of 800); ``min_lr`` is then unused.
   """
   ratio = config.batch_size / _option(config, "lr_batch_base")
   peak = _option(config, "base_lr") * (math.sqrt(ratio) if _option(config, "lr_scaling") == "sqrt" else ratio)
   warmup = max(min(int(round(config.schedule.warmup_epochs * steps_per_epoch)), total_steps - 1), 0)
   min_lr = config.schedule.min_lr
+  if config.schedule.get("decay", "cosine") == "multistep":
+    # Milestones past the run never apply; dropped, they cannot overflow the int32 step they are compared with.
+    milestones = [round(epochs * steps_per_epoch) for epochs in config.schedule.milestone_epochs
+                  if epochs * steps_per_epoch <= total_steps]
+    decay = lambda step: schedules.multistep_decay(step, milestones, peak, config.schedule.gamma)
+  else:
+    decay = lambda step: schedules.cosine_decay(step - warmup, total_steps - warmup, peak, min_lr)
 
   def schedule(step):
-    rising = schedules.linear_warmup(step, warmup, 0.0, peak)
-    falling = schedules.cosine_decay(step - warmup, total_steps - warmup, peak, min_lr)
-    return jnp.where(step < warmup, rising, falling)
+    return jnp.where(step < warmup, schedules.linear_warmup(step, warmup, 0.0, peak), decay(step))
 
   return schedule
 
@@ -302,6 +312,25 @@ def validate_optimizer_config(config) -> None:
     value = config.schedule.get(key)
     if not config_lib.is_number(value) or value < 0:
       raise ValueError(f"config.schedule.{key}={value!r} must be a number >= 0")
+  _validate_decay(config.schedule)
+
+
+def _validate_decay(schedule) -> None:
+  """``config.schedule.decay``: 'cosine' (the default, also when absent) or 'multistep' with its keys."""
+  decay = schedule.get("decay", "cosine")
+  if decay not in LR_DECAYS:
+    raise ValueError(f"config.schedule.decay={decay!r} is not one of {LR_DECAYS}")
+  if decay != "multistep":
+    return
+  milestones = schedule.get("milestone_epochs")
+  if isinstance(milestones, str) or not isinstance(milestones, (list, tuple)) or not all(
+      config_lib.is_number(m) for m in milestones):
+    raise ValueError(f"config.schedule.milestone_epochs={milestones!r} must be a sequence of epochs")
+  # SimMIM's scheduler asserts the same: a decay step inside the warm-up would be overwritten by the ramp.
+  if list(milestones) != sorted(milestones) or any(m < schedule.warmup_epochs for m in milestones):
+    raise ValueError(f"config.schedule.milestone_epochs={tuple(milestones)!r} must be increasing and >= "
+                     f"config.schedule.warmup_epochs={schedule.warmup_epochs}")
+  config_lib.check_number(schedule.get("gamma"), "schedule.gamma", lambda v: v > 0, "> 0")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -40,3 +40,15 @@ def cosine_momentum(step, total_steps, base):
   al. 2021); it is `cosine_decay` from ``base`` to 1.
   """
   return cosine_decay(step, total_steps, base, 1.0)
+
+
+def multistep_decay(step, milestones, start, gamma):
+  """``start * gamma^n(t)`` with ``n(t)`` the number of ``milestones`` ``<= t`` (a step decay).
+
+  E.g. SimMIM's ViT-B pretraining: the learning rate times 0.1 from epoch 700 of 800 (counted as torch's
+  ``MultiStepLR`` and SimMIM's scheduler count: milestone ``m`` applies from step ``m`` on). ``milestones``:
+  Python numbers.
+  """
+  step = jnp.maximum(jnp.asarray(step), 0)  # an integer step stays exact past float32's 2^24
+  passed = sum((step >= m).astype(jnp.float32) for m in milestones)
+  return jnp.asarray(start, jnp.float32) * jnp.asarray(gamma, jnp.float32) ** passed

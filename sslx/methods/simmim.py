@@ -1,0 +1,171 @@
+"""SimMIM (Xie et al., 2022): regress the raw pixels of masked patches from a ViT that sees every token.
+
+Masking (`sslx.masking.simmim_mask`): the image is tiled by square cells of ``mask_patch_size`` pixels (the
+paper's 32 px: 2 x 2 model patches of ViT-B/16), and ``ceil(n * r)`` of the ``n`` cells of each image are
+masked, ``r`` the mask ratio. Unlike MAE the encoder keeps every token: the patch embeddings of masked model
+patches become the encoder's learned mask token (``config.model.mask_token``) before the position embedding.
+
+Prediction: one linear layer maps each of the encoder's patch tokens (final LayerNorm applied) to that
+patch's ``p * p * C`` pixel values, the paper's 1 x 1 convolution followed by a pixel shuffle (the same map,
+with its outputs listed in `sslx.models.patches` order).
+
+Loss: the mean absolute error over the masked pixels of the (normalised) input image ``x``,
+
+  ``loss = sum_{masked pixels q} sum_c |x_hat_qc - x_qc| / (C * #masked pixels)``,
+
+the reference's ``(l1 * mask).sum() / mask.sum() / C``. It is `losses.masked_reconstruction_loss` with
+``p=1, norm_pix=False`` and the per-patch mask: the mean over each patch's ``p * p * C`` values, averaged
+over the masked patches, has the same numerator and ``#masked patches * p * p * C`` as denominator.
+
+Progressive masking (``mask_ratio_end``): ``r_t = r_0 + (r_1 - r_0) min(t / T, 1)`` with ``T`` the run's
+steps and ``t = method_state['step']``, the updates done so far (`after_update` advances it); ``r_t`` is a
+traced value, so the ratio changes without recompiling.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+from ml_collections.config_dict import placeholder
+
+from sslx import config as config_lib
+from sslx import losses
+from sslx import masking
+from sslx.methods import Method, RunLength, online_encoder
+from sslx.models import vit
+from sslx.models.patches import patchify
+from sslx.models.patches import unpatchify
+
+
+class SimMIM(nn.Module):
+  """A ViT with a mask token and a linear pixel head. Params: ``{'encoder': ..., 'head': ...}``."""
+  encoder: vit.VisionTransformer
+  patch_dim: int
+
+  @nn.compact
+  def __call__(self, images, mask: Optional[jax.Array] = None, *, train: bool):
+    """``(B, L, p*p*C)`` pixel predictions of every patch; ``mask`` ``(B, L)`` bool, True = masked."""
+    _, aux = self.encoder(images, train=train, mask=mask)
+    head = vit.dense(self.patch_dim, ("embed", "patch"), self.encoder.dtype, self.encoder.param_dtype, "head")
+    return head(aux["patch_tokens"])
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """``config.method`` of SimMIM: the paper's ViT-B mask (32 px cells, ratio 0.6), no progressive masking."""
+  return ml_collections.ConfigDict(dict(
+      name="simmim",
+      mask_patch_size=32,  # side of a mask cell in pixels, a multiple of the model's patch size
+      mask_ratio=0.6,
+      mask_ratio_end=placeholder(float),  # None: constant; else linear from mask_ratio to this over the run
+  ))
+
+
+def validate_config(config) -> None:
+  """Raises a ValueError naming the first bad ``config.method`` key (or a model key SimMIM needs)."""
+  _check_keys(config.method)
+  if config.model.get("name", "vit") != "vit":
+    raise ValueError(f"config.method.name='simmim' needs a token encoder: config.model.name="
+                     f"{config.model.name!r} is not 'vit'")
+  if config.model.get("mask_token") is not True:
+    raise ValueError(f"config.model.mask_token={config.model.get('mask_token')!r}: SimMIM replaces masked "
+                     "patches by the encoder's mask token; set it to True")
+  num_cells = _check_mask_patch_size(config)
+  _check_ratio(config.method.mask_ratio, "method.mask_ratio", num_cells)
+  if config.method.mask_ratio_end is not None:
+    _check_ratio(config.method.mask_ratio_end, "method.mask_ratio_end", num_cells)
+
+
+def _check_keys(method_config) -> None:
+  """A key left from another method's section (e.g. MAE's ``decoder``) or a missing one is named."""
+  expected, present = set(default_config()), set(method_config)
+  unknown, missing = sorted(present - expected), sorted(expected - present)
+  if unknown:
+    raise ValueError(f"config.method.{unknown[0]} is not a SimMIM key; SimMIM reads {sorted(expected)}")
+  if missing:
+    raise ValueError(f"config.method.{missing[0]} is missing (SimMIM's default: "
+                     f"{default_config()[missing[0]]!r})")
+
+
+def _check_mask_patch_size(config) -> int:
+  """The cells must tile the patch grid; returns their number per image."""
+  size, variant = config.data.image_size, config.model.variant
+  patch = vit.parse_variant(variant)["patch_size"]
+  cell = config.method.mask_patch_size
+  config_lib.check_int(cell, "method.mask_patch_size")
+  if cell % patch:
+    raise ValueError(f"config.method.mask_patch_size={cell} is not a multiple of the patch size {patch} of "
+                     f"config.model.variant={variant!r}")
+  if size % cell:
+    raise ValueError(f"config.method.mask_patch_size={cell} does not divide config.data.image_size={size}")
+  return (size // cell) ** 2
+
+
+def _check_ratio(ratio, key: str, num_cells: int) -> None:
+  """At least one cell masked and one visible: ``0 < r`` and ``ceil(n r) <= n - 1``."""
+  config_lib.check_number(ratio, key, lambda v: 0.0 < v < 1.0, "strictly between 0 and 1")
+  if num_cells < 2 or ratio > 1.0 - 1.0 / num_cells:
+    raise ValueError(f"config.{key}={ratio} masks all {num_cells} mask cells (config.data.image_size / "
+                     "config.method.mask_patch_size per side); it must leave one visible")
+
+
+def model_from_config(config) -> SimMIM:
+  """The encoder of ``config.model`` (with its mask token) and a head to ``p * p * config.data.channels``."""
+  encoder = vit.from_config(config.model)
+  return SimMIM(encoder, encoder.patch_size ** 2 * int(config.data.channels))
+
+
+def build(config, run_length: RunLength) -> Method:
+  """The SimMIM bundle; ``run_length`` spans the progressive mask ratio."""
+  model = model_from_config(config)
+  patch_size = model.encoder.patch_size
+  cell = int(config.method.mask_patch_size) // patch_size  # mask cell side in model patches
+  start, end = float(config.method.mask_ratio), config.method.mask_ratio_end
+  embed, encoder_variables = online_encoder(model.encoder)
+
+  def mask_ratio(method_state):
+    if end is None:
+      return start
+    total_steps = int(run_length.total_steps)
+    return masking.progressive_mask_ratio(method_state["step"], total_steps, start, float(end))
+
+  def draw_mask(rng, images, method_state):
+    grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
+    return masking.simmim_mask(rng, images.shape[0], grid, cell, mask_ratio(method_state))
+
+  def init(rng, batch):
+    variables = model.init({"params": rng}, batch["image"], train=False)
+    return dict(variables), {"step": jnp.zeros((), jnp.int32)}
+
+  def loss_fn(variables, method_state, batch, rng):
+    masking_rng, dropout_rng = jax.random.split(rng)
+    images = batch["image"]
+    mask = draw_mask(masking_rng, images, method_state)
+    pred = model.apply(variables, images, mask, train=True, rngs={"dropout": dropout_rng})
+    loss = losses.masked_reconstruction_loss(pred, patchify(images, patch_size), mask, norm_pix=False, p=1)
+    metrics = {"loss": loss, "mask_ratio": jnp.mean(mask.astype(jnp.float32))}
+    return loss, (metrics, method_state, {})
+
+  def after_update(variables, method_state, step):
+    del variables
+    return {**method_state, "step": step + 1}
+
+  def visualize(variables, method_state, batch, rng):
+    images = jnp.asarray(batch["image"], jnp.float32)
+    mask = draw_mask(rng, images, method_state)
+    pred = model.apply(variables, images, mask, train=False).astype(jnp.float32)
+    target = patchify(images, patch_size)
+    masked = mask[..., None].astype(jnp.float32)
+    visible = target * (1.0 - masked)
+    image_hw = images.shape[1:3]
+    # An OrderedDict keeps its row order through jit (a plain dict comes back with sorted keys).
+    return collections.OrderedDict(
+        original=images,
+        masked=unpatchify(visible, patch_size, image_hw),
+        reconstruction=unpatchify(visible + pred * masked, patch_size, image_hw))
+
+  return Method(name="simmim", num_views=1, init=init, loss_fn=loss_fn, embed=embed,
+                encoder_variables=encoder_variables, after_update=after_update, visualize=visualize)
