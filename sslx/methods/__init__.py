@@ -108,6 +108,7 @@ _REGISTRY = {
     "mocov3": "sslx.methods.mocov3",
     "dino": "sslx.methods.dino",
     "simmim": "sslx.methods.simmim",
+    "tokenizer": "sslx.methods.tokenizer",
     # Supervised training of an encoder (fine-tuning a pretrained one, or from scratch) is the same kind of
     # bundle, trained by the same loop.
     "finetune": "sslx.methods.finetune",
