@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from sslx.convert import scan_layout
 from sslx.models import pos_embed
+from sslx.models import relative_position
 from sslx.models import vit
 from sslx.models.patches import patchify
 
@@ -320,3 +322,133 @@ def test_learned_table_keeps_its_shape_and_is_resized_for_other_image_sizes():
       np.testing.assert_array_equal(positions, table)
     else:
       np.testing.assert_allclose(positions, pos_embed.resize_pos_table(table, grid), atol=1e-6)
+
+
+# --- BEiT's options: layer scale and relative position bias ----------------------------------------------
+
+def test_relative_position_index_of_a_3x3_grid():
+  """Every pair of the 9 patches by its (row, column) offset, shifted to start at 0, written out by loops;
+  the class token's three rows last: E - 3 from it, E - 2 to it, E - 1 itself (E = 5 * 5 + 3)."""
+  expected = np.zeros((10, 10), np.int64)
+  for i in range(9):
+    for j in range(9):
+      (ri, ci), (rj, cj) = divmod(i, 3), divmod(j, 3)
+      expected[1 + i, 1 + j] = (ri - rj + 2) * 5 + (ci - cj + 2)
+  expected[0, 1:], expected[1:, 0], expected[0, 0] = 25, 26, 27
+  assert relative_position.num_entries((3, 3)) == 28
+  index = relative_position.relative_position_index((3, 3))
+  np.testing.assert_array_equal(index, expected)
+  # Offsets are what counts: patch (0, 0) -> (1, 1) uses the row of patch (1, 1) -> (2, 2).
+  assert index[1, 5] == index[5, 9] and index[1, 5] != index[5, 1]
+  # A 2 x 3 grid: 3 * 5 offsets + 3, every entry used.
+  assert sorted(set(relative_position.relative_position_index((2, 3)).reshape(-1))) == list(range(18))
+
+
+def _layer_norm(x, scale, bias, eps=1e-6):
+  mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _numpy_block(p, x, bias, num_heads):
+  """BEiT's block in numpy: x + g1 * attn(LN1 x), then + g2 * mlp(LN2 x); the bias joins every logit."""
+  from scipy.special import erf, softmax  # pylint: disable=g-import-not-at-top
+  batch, tokens, width = x.shape
+  head = width // num_heads
+  y = _layer_norm(x, p["norm1"]["scale"], p["norm1"]["bias"])
+  qkv = (y @ p["attn"]["qkv"]["kernel"] + p["attn"]["qkv"]["bias"]).reshape(batch, tokens, 3, num_heads, head)
+  q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+  weights = softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(head) + bias, axis=-1)
+  attended = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, tokens, width)
+  x = x + p["gamma_1"] * (attended @ p["attn"]["proj"]["kernel"] + p["attn"]["proj"]["bias"])
+  y = _layer_norm(x, p["norm2"]["scale"], p["norm2"]["bias"])
+  hidden = y @ p["mlp"]["fc1"]["kernel"] + p["mlp"]["fc1"]["bias"]
+  hidden = 0.5 * hidden * (1 + erf(hidden / np.sqrt(2)))
+  return x + p["gamma_2"] * (hidden @ p["mlp"]["fc2"]["kernel"] + p["mlp"]["fc2"]["bias"])
+
+
+def _randomised(params, seed=0):
+  """Every parameter drawn afresh (gammas and bias tables start constant, which would hide a mix-up)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: np.asarray(rng.normal(size=a.shape) * 0.5, np.float32), nn.unbox(params))
+
+
+def _init(model, images):
+  return jax.jit(lambda key: model.init({"params": key}, images, train=False))(jax.random.key(0))["params"]
+
+
+def test_block_with_layer_scale_and_its_own_bias_table_matches_numpy():
+  grid, heads = (2, 3), 2
+  block = vit.Block(num_heads=heads, mlp_dim=16, layer_scale=0.1, rel_pos_grid=grid)
+  x = np.random.default_rng(1).normal(size=(2, 7, 8)).astype(np.float32)
+  params = nn.unbox(block.init(jax.random.key(0), x)["params"])
+  np.testing.assert_array_equal(params["gamma_1"], np.full(8, 0.1, np.float32))
+  np.testing.assert_array_equal(params["attn"]["rel_pos_bias"]["table"], np.zeros((3 * 5 + 3, heads)))
+  params = _randomised(params)
+  table = params["attn"]["rel_pos_bias"]["table"]
+  bias = table[relative_position.relative_position_index(grid)].transpose(2, 0, 1)
+  np.testing.assert_allclose(block.apply({"params": params}, x), _numpy_block(params, x, bias, heads),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_shared_bias_reaches_every_block_and_scan_computes_the_same():
+  """ViT-level: the shared table changes the output once it is not zero; the scanned blocks, with the bias
+  broadcast into the loop, give the unrolled output; a per-block table lives in each block's attention."""
+  images = _images(batch=2, size=24)  # a 3 x 3 grid
+  model = _tiny(layer_scale=0.1, rel_pos_bias="shared", pos_embed="none")
+  params = _randomised(_init(model, images))
+  assert params["rel_pos_bias"]["table"].shape == (28, 2) and "rel_pos_bias" not in params["block_0"]["attn"]
+  apply = lambda m, p: m.apply({"params": p}, images, train=False)[0]
+  out = apply(model, params)
+  unbiased = {**params, "rel_pos_bias": {"table": np.zeros((28, 2), np.float32)}}
+  assert float(np.abs(out - apply(model, unbiased)).max()) > 1e-3
+  scanned = model.clone(scan_blocks=True, remat="full")
+  np.testing.assert_allclose(apply(scanned, scan_layout.stack_blocks(params)), out, rtol=1e-5, atol=1e-5)
+  per_block = nn.unbox(_abstract_init(_tiny(rel_pos_bias="per_block"), images))
+  assert per_block["block_1"]["attn"]["rel_pos_bias"]["table"].shape == (28, 2)
+  assert "rel_pos_bias" not in per_block
+
+
+def test_a_zero_bias_table_and_unit_layer_scale_change_nothing(params):
+  """With gammas of 1 and zero tables the options compute the plain ViT."""
+  plain = nn.unbox(params)
+  extended = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: _option_value(path, leaf, plain),
+      nn.unbox(_abstract_init(_tiny(layer_scale=1.0, rel_pos_bias="per_block"), _images())))
+  model = _tiny(layer_scale=1.0, rel_pos_bias="per_block")
+  expected = _tiny().apply({"params": plain}, _images(), train=False)[0]
+  np.testing.assert_allclose(model.apply({"params": extended}, _images(), train=False)[0], expected,
+                             rtol=1e-5, atol=1e-6)
+
+
+def _option_value(path, leaf, plain):
+  """The plain ViT's parameter at ``path``, or 1 for a gamma and 0 for a bias table."""
+  names = [key.key for key in path]
+  if names[-1].startswith("gamma"):
+    return np.ones(leaf.shape, np.float32)
+  if "rel_pos_bias" in names:
+    return np.zeros(leaf.shape, np.float32)
+  for name in names:
+    plain = plain[name]
+  return plain
+
+
+def test_relative_position_options_are_checked():
+  config = vit.default_config("Ti/8")
+  config.update(dict(rel_pos_bias="shared", layer_scale=0.1, pos_embed="none"))
+  vit.validate_config(config, 32)
+  assert vit.attention_implementation(config) == "xla"  # 'auto' never picks cuDNN beside a bias
+  config.attention = "cudnn"
+  with pytest.raises(ValueError, match=r"attention='cudnn' cannot add config\.model\.rel_pos_bias='shared'"):
+    vit.validate_config(config, 32)
+  for key, value, message in (("rel_pos_bias", "both", "config.model.rel_pos_bias='both' is not one of"),
+                              ("layer_scale", 0.0, r"config\.model\.layer_scale=0\.0 must be a number > 0")):
+    bad = vit.default_config("Ti/8")
+    bad[key] = value
+    with pytest.raises(ValueError, match=message):
+      vit.validate_config(bad, 32)
+  model = _tiny(rel_pos_bias="shared")
+  variables = {"params": _init(model, _images())}
+  with pytest.raises(ValueError, match="belongs to another patch grid than 3x3"):
+    model.apply(variables, _images(size=24), train=False)
+  with pytest.raises(ValueError, match="ids_keep drops tokens"):
+    model.apply(variables, _images(), train=False, ids_keep=jnp.zeros((4, 2), jnp.int32))

@@ -109,6 +109,7 @@ _REGISTRY = {
     "dino": "sslx.methods.dino",
     "simmim": "sslx.methods.simmim",
     "tokenizer": "sslx.methods.tokenizer",
+    "beit": "sslx.methods.beit",
     # Supervised training of an encoder (fine-tuning a pretrained one, or from scratch) is the same kind of
     # bundle, trained by the same loop.
     "finetune": "sslx.methods.finetune",

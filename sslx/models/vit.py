@@ -25,6 +25,7 @@ from ml_collections.config_dict import placeholder
 from sslx import config as config_lib
 from sslx.models import attention as attention_lib
 from sslx.models import pos_embed as pos_embed_lib
+from sslx.models import relative_position
 
 Dtype = Any
 
@@ -133,15 +134,18 @@ def dense(features: int, axes: tuple, dtype: Dtype, param_dtype: Dtype, name: st
 class Attention(nn.Module):
   """Multi-head self-attention with a fused, biased qkv projection.
 
-  ``implementation``: ``'xla'`` or ``'cudnn'`` (`sslx.models.attention.self_attention`).
+  ``implementation``: ``'xla'`` or ``'cudnn'`` (`sslx.models.attention.self_attention`). A relative
+  position bias (`sslx.models.relative_position`), from its own table for the grid ``rel_pos_grid`` or
+  passed in, joins the logits.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   implementation: str = "xla"
+  rel_pos_grid: Optional[tuple[int, int]] = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, bias=None):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"Width {width} is not divisible by num_heads={self.num_heads}.")
@@ -149,7 +153,13 @@ class Attention(nn.Module):
     # 2-D kernels keep XLA's backward pass free of the transposes multi-axis DenseGeneral adds.
     qkv = dense(3 * width, ("embed", None), self.dtype, self.param_dtype, "qkv")(x)
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
-    out = attention_lib.self_attention(qkv, self.implementation)
+    if self.rel_pos_grid is not None:
+      bias = relative_position.RelativePositionBias(self.num_heads, self.rel_pos_grid, self.param_dtype,
+                                                    name="rel_pos_bias")()
+    if bias is None:
+      out = attention_lib.self_attention(qkv, self.implementation)
+    else:
+      out = relative_position.biased_attention(qkv, bias)
     return dense(width, (None, "embed"), self.dtype, self.param_dtype, "proj")(out.reshape(batch, tokens, width))
 
 
@@ -184,25 +194,39 @@ def drop_path_inputs(key, rate: float, depth: int):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block with optional per-sample stochastic depth (drop path) on both branches."""
+  """Pre-norm transformer block with optional per-sample stochastic depth (drop path) on both branches.
+
+  ``layer_scale`` (LayerScale, Touvron et al. 2021, as in BEiT): learned per-channel ``gamma_1``, ``gamma_2``
+  initialised to it scale each branch before drop path, ``x + drop_path(gamma_1 * attn(norm1(x)))`` and
+  ``x + drop_path(gamma_2 * mlp(norm2(x)))``. ``rel_pos_grid``: the attention's own bias table (`Attention`).
+  """
   num_heads: int
   mlp_dim: int
   layer_norm_eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention: str = "xla"
+  layer_scale: Optional[float] = None
+  rel_pos_grid: Optional[tuple[int, int]] = None
 
   @nn.compact
-  def __call__(self, x, drop=None):
-    """``drop``: None (no drop path), or this block's ``(keep_prob, key)`` (`drop_path_inputs`)."""
+  def __call__(self, x, drop=None, bias=None):
+    """``drop``: None (no drop path), or this block's ``(keep_prob, key)`` (`drop_path_inputs`); ``bias``: a
+    relative position bias shared by the blocks, or None."""
     # Each branch draws its own mask, as two calls of timm's DropPath do.
     keys = None if drop is None else jax.random.split(drop[1])
 
     def residual(y, branch):
+      if self.layer_scale is not None:
+        init = partitioned(nn.initializers.constant(self.layer_scale), ("embed",))
+        gamma = self.param(f"gamma_{branch + 1}", init, (y.shape[-1],), self.param_dtype)
+        y = y * gamma.astype(y.dtype)
       return y if drop is None else drop_path(y, drop[0], keys[branch])
 
     y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm1")(x)
-    x = x + residual(Attention(self.num_heads, self.dtype, self.param_dtype, self.attention, name="attn")(y), 0)
+    attention = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention, self.rel_pos_grid,
+                          name="attn")
+    x = x + residual(attention(y, bias), 0)
     y = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm2")(x)
     return x + residual(Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y), 1)
 
@@ -223,12 +247,13 @@ def _block_class(remat: str, in_scan: bool):
   return nn.remat(Block, policy=_REMAT_POLICIES[remat], prevent_cse=not in_scan)
 
 
-def run_blocks(x, drops, *, depth: int, scan: bool, remat: str, **block_fields):
+def run_blocks(x, drops, bias=None, *, depth: int, scan: bool, remat: str, **block_fields):
   """``depth`` `Block`s in sequence, inside the calling module's compact method.
 
   Args:
     x: ``(B, T, D)`` tokens.
     drops: None, or `drop_path_inputs` (one ``(keep_prob, key)`` per block along a leading axis).
+    bias: None, or a relative position bias ``(N, T, T)`` every block adds to its attention logits.
     depth: number of blocks.
     scan: one ``nn.scan`` over stacked parameters (subtree ``blocks``, leading axis ``'layers'``) instead of
       ``block_0 ... block_{depth-1}``.
@@ -239,14 +264,15 @@ def run_blocks(x, drops, *, depth: int, scan: bool, remat: str, **block_fields):
   if not scan:
     for i in range(depth):
       layer_drop = None if drops is None else jax.tree.map(lambda a, i=i: a[i], drops)
-      x = block(**block_fields, name=f"block_{i}")(x, layer_drop)
+      x = block(**block_fields, name=f"block_{i}")(x, layer_drop, bias)
     return x
-  scanned = nn.scan(lambda module, carry, layer_drop: (module(carry, layer_drop), None),
+  scanned = nn.scan(lambda module, carry, layer_drop, bias: (module(carry, layer_drop, bias), None),
                     variable_axes={"params": 0}, split_rngs={"params": True}, length=depth,
+                    in_axes=(0, nn.broadcast),
                     metadata_params={nn.PARTITION_NAME: LAYERS_AXIS},
-                    # Nothing is broadcast into the loop, so the invariant check would only cost a trace.
+                    # The one broadcast input, a shared bias, is made outside the loop: no check needed.
                     check_constancy_invariants=False)
-  x, _ = scanned(block(**block_fields, name=STACKED_BLOCKS), x, drops)
+  x, _ = scanned(block(**block_fields, name=STACKED_BLOCKS), x, drops, bias)
   return x
 
 
@@ -256,8 +282,10 @@ class VisionTransformer(nn.Module):
   ``aux`` holds ``pooled`` (= features), ``patch_tokens`` ``(B, L', D)`` and ``cls_token`` ``(B, D)``,
   all after the final LayerNorm. ``features`` is the class token (``pooling='cls'``) or the mean patch
   token (``'mean'``). With ``use_mask_token`` the encoder owns a learned ``mask_token`` that replaces the
-  patch embeddings a boolean ``mask`` marks (SimMIM, BEiT). ``scan_blocks``, ``remat`` and ``attention``
-  change how the blocks are compiled (`run_blocks`, `Attention`), not what they compute.
+  patch embeddings a boolean ``mask`` marks (SimMIM, BEiT). BEiT's ``layer_scale`` (`Block`) and
+  ``rel_pos_bias`` (`sslx.models.relative_position.encoder_bias`) come with ``pos_embed='none'`` in its
+  pretraining. ``scan_blocks``, ``remat`` and ``attention`` change how the blocks are compiled
+  (`run_blocks`, `Attention`), not what they compute.
 
   Any image size that the patch size divides is encoded: ``pos_embed='sincos'`` computes the table of its
   grid; a ``'learned'`` table, created for the init images' grid, is resized bicubically to it
@@ -274,6 +302,8 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   layer_norm_eps: float = 1e-6
   use_mask_token: bool = False
+  layer_scale: Optional[float] = None
+  rel_pos_bias: str = "none"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   scan_blocks: bool = False
@@ -324,10 +354,14 @@ class VisionTransformer(nn.Module):
         shape = jnp.shape(nn.unbox(self.get_variable("params", "pos_embed")))
       pos = self.param("pos_embed", partitioned(token_init, (None, "embed")), shape, self.param_dtype)
       pos = pos_embed_lib.resize_pos_table(pos, grid)
+    elif self.pos_embed == "none":
+      pos = jnp.zeros((), self.dtype)
     else:
-      raise ValueError(f"Unknown pos_embed {self.pos_embed!r}; choose 'sincos' or 'learned'.")
+      raise ValueError(f"Unknown pos_embed {self.pos_embed!r}; choose one of {POS_EMBEDS}.")
     x = x + pos.astype(self.dtype)
     if ids_keep is not None:
+      if self.rel_pos_bias != "none":
+        raise ValueError("ids_keep drops tokens, and a relative position bias is laid out for all of them")
       x = jnp.take_along_axis(x, ids_keep[..., None], axis=1)
 
     # The class token's sincos row is zero, so the token needs no position term of its own.
@@ -339,9 +373,12 @@ class VisionTransformer(nn.Module):
     drops = None
     if train and self.drop_path_rate > 0:
       drops = drop_path_inputs(self.make_rng("dropout"), self.drop_path_rate, self.depth)
-    x = run_blocks(x, drops, depth=self.depth, scan=self.scan_blocks, remat=self.remat,
+    bias, block_grid = relative_position.encoder_bias(self.rel_pos_bias, self.num_heads, grid,
+                                                      self.param_dtype)
+    x = run_blocks(x, drops, bias, depth=self.depth, scan=self.scan_blocks, remat=self.remat,
                    num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_norm_eps=self.layer_norm_eps,
-                   dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention)
+                   dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+                   layer_scale=self.layer_scale, rel_pos_grid=block_grid)
     x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, "norm")(x)
 
     cls_token, patch_tokens = x[:, 0], x[:, 1:]
@@ -350,6 +387,7 @@ class VisionTransformer(nn.Module):
 
 
 POOLINGS = ("cls", "mean")
+POS_EMBEDS = ("sincos", "learned", "none")
 
 
 def default_config(variant: str = "B/16") -> ml_collections.ConfigDict:
@@ -361,11 +399,13 @@ def default_config(variant: str = "B/16") -> ml_collections.ConfigDict:
       depth=placeholder(int),
       num_heads=placeholder(int),
       mlp_dim=placeholder(int),
-      pos_embed="sincos",           # 'sincos' (fixed) | 'learned'
+      pos_embed="sincos",           # 'sincos' (fixed) | 'learned' | 'none' (BEiT, beside rel_pos_bias)
       pooling=placeholder(str),     # aux['pooled']: 'cls' token | 'mean' of the patch tokens; None: 'cls'
       drop_path_rate=0.0,
       layer_norm_eps=1e-6,
       mask_token=False,             # a learned mask token for methods that mask inside the encoder
+      layer_scale=placeholder(float),  # per-channel gammas on both branches of a block, initialised to this
+      rel_pos_bias="none",          # BEiT's relative position bias: 'none' | 'shared' | 'per_block'
       dtype="auto",                 # 'auto': bfloat16 on accelerators, float32 on CPU
       # How the blocks compile (the MAE decoder's too), not what they compute:
       scan_blocks=False,            # one nn.scan over stacked block parameters ('blocks'): compiles once
@@ -385,8 +425,13 @@ def validate_config(model_config, image_size: int) -> None:
                      f"config.model.variant={model_config.variant!r}")
   if (model_config.get("pooling") or "cls") not in POOLINGS:
     raise ValueError(f"config.model.pooling={model_config.pooling!r} is not one of {POOLINGS}")
-  if model_config.get("pos_embed", "sincos") not in ("sincos", "learned"):
-    raise ValueError(f"config.model.pos_embed={model_config.pos_embed!r} is not 'sincos' or 'learned'")
+  if model_config.get("pos_embed", "sincos") not in POS_EMBEDS:
+    raise ValueError(f"config.model.pos_embed={model_config.pos_embed!r} is not one of {POS_EMBEDS}")
+  config_lib.check_number(model_config.get("layer_scale"), "model.layer_scale", lambda v: v > 0, "> 0",
+                          none_means="no layer scale")
+  if model_config.get("rel_pos_bias", "none") not in relative_position.MODES:
+    raise ValueError(f"config.model.rel_pos_bias={model_config.rel_pos_bias!r} is not one of "
+                     f"{relative_position.MODES}")
   config_lib.check_number(model_config.get("drop_path_rate", 0.0), "model.drop_path_rate",
                           lambda v: 0.0 <= v < 1.0, "in [0, 1)")
   config_lib.check_number(model_config.get("layer_norm_eps", 1e-6), "model.layer_norm_eps", lambda v: v > 0,
@@ -438,6 +483,12 @@ def attention_implementation(model_config) -> str:
   Decided from the compute dtype and head dimension, once, when the model is built (`sslx.models.attention`).
   """
   dims = _dims(model_config)
+  if model_config.get("rel_pos_bias", "none") != "none":
+    # cuDNN trains with a bias on even token counts only (`sslx.models.relative_position`).
+    if model_config.get("attention", "auto") == "cudnn":
+      raise ValueError(f"config.model.attention='cudnn' cannot add config.model.rel_pos_bias="
+                       f"{model_config.rel_pos_bias!r} to its logits; use 'auto' or 'xla'")
+    return "xla"
   return attention_lib.resolve(model_config.get("attention", "auto"),
                                resolve_dtype(model_config.get("dtype", "auto")), dims["width"] // dims["num_heads"])
 
@@ -451,6 +502,8 @@ def from_config(model_config) -> VisionTransformer:
       drop_path_rate=float(model_config.get("drop_path_rate", 0.0)),
       layer_norm_eps=float(model_config.get("layer_norm_eps", 1e-6)),
       use_mask_token=bool(model_config.get("mask_token", False)),
+      layer_scale=None if model_config.get("layer_scale") is None else float(model_config.layer_scale),
+      rel_pos_bias=model_config.get("rel_pos_bias", "none"),
       dtype=resolve_dtype(model_config.get("dtype", "auto")),
       param_dtype=jnp.float32,
       scan_blocks=bool(model_config.get("scan_blocks", False)),
