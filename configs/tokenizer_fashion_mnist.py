@@ -6,7 +6,7 @@ r"""BEiT's visual tokenizer for the Fashion-MNIST quick start: a VQ-VAE with an 
       --workdir=runs/dvae                                                      # the Gumbel-softmax dVAE
 
 Logs ``recon``, ``codebook_usage`` and ``perplexity``; ``<workdir>/pictures`` holds originals over
-reconstructions. A BEiT run loads it with ``sslx.methods.tokenizer.loading_triples('runs/tokenizer')``.
+reconstructions. A BEiT run loads it with ``--config=configs/beit_fashion_mnist.py:tokenizer=runs/tokenizer``.
 ``:test`` shrinks it to 6 steps of a width-8 network with 64 codes, for the tests.
 """
 from sslx import config as config_lib
