@@ -17,30 +17,48 @@ from sslx import parallel
 from train_helpers import tiny_run_config
 
 
-def loss_and_grads(method, boxed, images, rng, devices, fsdp):
+def loss_and_grads(method, images, rng, devices, fsdp):
+  """One training pass of ``method`` over ``images`` split over ``devices`` (FSDP width ``fsdp``), its
+  variables and method state initialised from ``rng`` and sharded as a run shards them. Returns the loss, the
+  parameters' gradients and the model state the pass updated (BatchNorm statistics, a VQ codebook; ``{}`` if
+  none), as numpy."""
+  init = lambda: method.init(rng, {"image": images[:1]})
   mesh = Mesh(np.array(devices).reshape(-1, fsdp), parallel.DATA_AXES)
-  param_sharding = parallel.shardings_from_logical(boxed, mesh, parallel.logical_axis_rules(fsdp))
-  params = jax.jit(lambda: nn.unbox(method.init(rng, {"image": images[:1]})[0]["params"]),
-                   out_shardings=param_sharding)()
+  shardings = parallel.shardings_from_logical(jax.eval_shape(init), mesh, parallel.logical_axis_rules(fsdp))
+  variables, method_state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
+  rest = {name: value for name, value in variables.items() if name != "params"}
   batch = jax.device_put({"image": images}, parallel.batch_sharding(mesh))
-  grad_fn = jax.jit(jax.value_and_grad(lambda p, b: method.loss_fn({"params": p}, {}, b, rng)[0]))
-  loss, grads = grad_fn(params, batch)
-  return float(loss), jax.device_get(grads)
+
+  def objective(params, rest, method_state, batch):
+    loss, (_, _, model_state) = method.loss_fn({**rest, "params": params}, method_state, batch, rng)
+    return loss, model_state
+
+  (loss, model_state), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+      variables["params"], rest, method_state, batch)
+  return float(loss), jax.device_get(grads), jax.device_get(model_state)
+
+
+def assert_devices_agree(method, images, rng, fsdps):
+  """`loss_and_grads` on one device, then on every device with each FSDP width in ``fsdps``: the same loss,
+  gradients and model state up to float32 reduction order; prints "gradients match"."""
+  loss1, grads1, state1 = loss_and_grads(method, images, rng, jax.devices()[:1], 1)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads1))
+  for fsdp in fsdps:
+    loss8, grads8, state8 = loss_and_grads(method, images, rng, jax.devices(), fsdp)
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale), grads8, grads1)
+    assert_state = lambda path, a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
+                                                                 err_msg=jax.tree_util.keystr(path))
+    jax.tree_util.tree_map_with_path(assert_state, state8, state1)
+    print(f"fsdp={fsdp}: loss {loss8!r} vs {loss1!r}")
+  print("gradients match")
+  return loss1, grads1, state1
 
 
 def main(overrides_json: str, fsdps: str) -> None:
   method = methods.build_method(tiny_run_config(**json.loads(overrides_json)))
   images = np.random.default_rng(0).normal(size=(16, 28, 28, 1)).astype(np.float32)
-  rng = jax.random.PRNGKey(3)
-  boxed = jax.eval_shape(lambda: method.init(rng, {"image": images[:1]})[0]["params"])
-  loss1, grads1 = loss_and_grads(method, boxed, images, rng, jax.devices()[:1], 1)
-  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads1))
-  for fsdp in map(int, fsdps.split(",")):
-    loss8, grads8 = loss_and_grads(method, boxed, images, rng, jax.devices(), fsdp)
-    np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale), grads8, grads1)
-    print(f"fsdp={fsdp}: loss {loss8!r} vs {loss1!r}")
-  print("gradients match")
+  assert_devices_agree(method, images, jax.random.PRNGKey(3), map(int, fsdps.split(",")))
 
 
 if __name__ == "__main__":

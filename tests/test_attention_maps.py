@@ -34,20 +34,31 @@ def _images(batch=3, size=32, seed=0):
   return jnp.asarray(np.random.RandomState(seed).randn(batch, size, size, 3), jnp.float32)
 
 
-@pytest.fixture(scope="module")
-def params():
-  """Unrolled params of `_tiny()`, with biases and norms moved off their init so each one counts."""
+def _moved_params(model):
+  """Unrolled params of ``model``, with biases and norms moved off their init so each one counts, and relative
+  position tables (zero at init) drawn from N(0, 1), so that their bias changes the weights clearly."""
   def init(key):
-    leaves, treedef = jax.tree.flatten(nn.unbox(_tiny().init({"params": key}, _images(), train=False))["params"])
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        nn.unbox(model.init({"params": key}, _images(), train=False))["params"])
     keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-    moved = [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys, strict=True)]
+    moved = [leaf + (1.0 if path[-1].key == "table" else 0.1) * jax.random.normal(k, leaf.shape)
+             for (path, leaf), k in zip(leaves, keys, strict=True)]
     return jax.tree.unflatten(treedef, moved)
 
   return jax.jit(init)(jax.random.key(0))
 
 
+@pytest.fixture(scope="module")
+def params():
+  return _moved_params(_tiny())
+
+
 def _maps(model, params, images):
   return jax.jit(functools.partial(attention_weights.cls_attention_maps, model))({"params": params}, images)
+
+
+def _weights(model, params, images):
+  return jax.jit(functools.partial(attention_weights.last_block_attention, model))({"params": params}, images)
 
 
 def _layer_norm(x, p):
@@ -59,24 +70,38 @@ def _softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
-def test_weights_match_numpy_and_reproduce_the_blocks_attention_output(params):
-  images = _images()
-  model = _tiny()
+def _last_block_pass(model, params, images):
+  """The last block's input (float64) and its attention's output, from the 2-block encoder's own pass."""
   wanted = {("block_0",), ("block_1", "attn")}
   _, state = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False, mutable=["intermediates"],
                                               capture_intermediates=lambda module, _: module.path in wanted))(
                                                   params, images)
   block_input = np.asarray(state["intermediates"]["block_0"]["__call__"][0], np.float64)
-  attn_output = np.asarray(state["intermediates"]["block_1"]["attn"]["__call__"][0])
-  last = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), params["block_1"])
-  # numpy, head by head: qkv columns are (3, heads, head_dim), as sslx.models.vit.Attention lays them out.
+  return block_input, np.asarray(state["intermediates"]["block_1"]["attn"]["__call__"][0])
+
+
+def _numpy_qkv(block_input, last):
+  """numpy q, k, v ``(B, T, heads, head_dim)`` of the block with float64 params ``last``: qkv columns are
+  (3, heads, head_dim), as sslx.models.vit.Attention lays them out."""
   qkv = _layer_norm(block_input, last["norm1"]) @ last["attn"]["qkv"]["kernel"] + last["attn"]["qkv"]["bias"]
-  q, k, v = np.moveaxis(qkv.reshape(3, 17, 3, 2, 16), 2, 0)  # (B, T, heads, head_dim) each
+  return np.moveaxis(qkv.reshape(*block_input.shape[:2], 3, 2, 16), 2, 0)
+
+
+def _numpy_output(weights, v, last):
+  """The attention's output for ``weights`` ``(B, heads, T, T)``: attended values through the projection."""
+  attended = np.einsum("bnts,bsnh->btnh", weights, v).reshape(*v.shape[:2], -1)
+  return attended @ last["attn"]["proj"]["kernel"] + last["attn"]["proj"]["bias"]
+
+
+def test_weights_match_numpy_and_reproduce_the_blocks_attention_output(params):
+  images = _images()
+  model = _tiny()
+  block_input, attn_output = _last_block_pass(model, params, images)
+  last = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), params["block_1"])
+  q, k, v = _numpy_qkv(block_input, last)  # numpy, head by head
   weights = _softmax(np.einsum("btnh,bsnh->bnts", q, k) / 4.0)
-  attended = np.einsum("bnts,bsnh->btnh", weights, v).reshape(3, 17, 32)
-  np.testing.assert_allclose(attended @ last["attn"]["proj"]["kernel"] + last["attn"]["proj"]["bias"], attn_output,
-                             atol=1e-5)
-  explicit = jax.jit(functools.partial(attention_weights.last_block_attention, model))({"params": params}, images)
+  np.testing.assert_allclose(_numpy_output(weights, v, last), attn_output, atol=1e-5)
+  explicit = _weights(model, params, images)
   assert explicit.shape == (3, 2, 17, 17) and explicit.dtype == jnp.float32
   np.testing.assert_allclose(explicit, weights, atol=1e-5)
   np.testing.assert_allclose(np.sum(explicit, -1), 1.0, atol=1e-6)  # each row: over the class token + 16 patches
@@ -86,6 +111,29 @@ def test_weights_match_numpy_and_reproduce_the_blocks_attention_output(params):
   np.testing.assert_allclose(maps, weights[:, :, 0, 1:].reshape(3, 2, 4, 4), atol=1e-5)
   # The class token's own weight is left out of its map.
   np.testing.assert_allclose(np.sum(maps, (2, 3)) + weights[:, :, 0, 0], 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_block"])
+def test_weights_hold_the_relative_position_bias(mode):
+  """BEiT's encoder (a relative position bias, layer scale, no absolute positions), its bias tables random:
+  through V and the output projection the recomputed weights give the last block's own attention output,
+  which the weights without the bias do not; the stacked layout gives the same maps."""
+  images = _images()
+  model = _tiny(rel_pos_bias=mode, layer_scale=0.1, pos_embed="none")
+  params = _moved_params(model)
+  block_input, attn_output = _last_block_pass(model, params, images)
+  last = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), params["block_1"])
+  _, _, v = _numpy_qkv(block_input, last)
+  explicit = _weights(model, params, images)
+  np.testing.assert_allclose(np.sum(explicit, -1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(_numpy_output(np.asarray(explicit, np.float64), v, last), attn_output, atol=1e-5)
+  unbiased = attention_weights.head_attention(_layer_norm(block_input, last["norm1"]),
+                                              last["attn"]["qkv"]["kernel"], last["attn"]["qkv"]["bias"], 2)
+  assert np.abs(_numpy_output(np.asarray(unbiased, np.float64), v, last) - attn_output).max() > 0.1
+  maps = _maps(model, params, images)
+  np.testing.assert_allclose(maps, np.asarray(explicit)[:, :, 0, 1:].reshape(3, 2, 4, 4), atol=1e-6)
+  stacked = _tiny(rel_pos_bias=mode, layer_scale=0.1, pos_embed="none", scan_blocks=True)
+  np.testing.assert_allclose(_maps(stacked, scan_layout.stack_blocks(params), images), maps, atol=1e-5)
 
 
 def test_stacked_blocks_give_the_same_maps(params):

@@ -1,6 +1,9 @@
 """BEiT's visual tokenizer: the EMA codebook, straight-through codes, Gumbel-softmax and KL against numpy; a
 tiny tokenizer learning on a small fixed set; a command-line run that resumes exactly and whose tokenizer a
 BEiT run loads back through config.init_from; configs and recipes."""
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -10,6 +13,7 @@ import pytest
 from flax import linen as nn
 
 import contrastive_helpers as helpers
+from multiprocess_helpers import REPO, cpu_env
 from sslx import checks
 from sslx import init_from
 from sslx import models
@@ -295,6 +299,31 @@ def test_a_beit_run_loads_the_tokenizer_and_gets_its_token_ids(cli_run):
   gumbel.method.quantizer = "gumbel"
   assert tokenizer.loading_triples(workdir, "method_state/t", run_config=gumbel) == (
       (workdir, "params/encoder", "method_state/t/params/encoder"),)
+
+
+# One batch's loss, gradients and codebook update (moving averages and dead-code restarts) on 1 device, then
+# with the batch split over 8 fake CPU devices (`sharded_gradients.assert_devices_agree`). Data parallel only:
+# FSDP splits every convolution's output channels, and the decoder's last one has a single (grey) channel.
+EIGHT_DEVICES = """
+import jax, numpy as np
+from sharded_gradients import assert_devices_agree
+from sslx import methods
+from test_configs import load_config
+method = methods.build_method(load_config("tokenizer_fashion_mnist", "test"))
+images = np.random.default_rng(0).normal(size=(16, 28, 28, 1)).astype(np.float32)
+_, _, model_state = assert_devices_agree(method, images, jax.random.PRNGKey(3), (1,))
+codebook = model_state["codebook"]["quantizer"]
+assert sorted(codebook) == ["cluster_size", "embed_sum", "embedding"], model_state
+restarted = int(np.sum(codebook["cluster_size"] == 1.0))  # the codes no vector chose (threshold 1)
+assert 0 < restarted < 64, restarted
+"""
+
+
+def test_eight_devices_give_the_loss_gradients_and_codebook_of_one():
+  result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], env=cpu_env(8), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "gradients match" in result.stdout
 
 
 def test_embed_visualize_and_the_dvae_schedules():

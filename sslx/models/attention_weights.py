@@ -4,9 +4,12 @@ The blocks attend through `sslx.models.attention.self_attention` (cuDNN's fused 
 the attended values, never the weights. Here, outside the training program, the encoder runs in evaluation
 mode up to its last block's first LayerNorm, and that block's weights are recomputed from its own parameters:
 
-  [q, k, v] = LN1(x) W_qkv + b_qkv,     A_n = softmax(q_n k_n^T / sqrt(H))     (head n of N, width H = D / N)
+  [q, k, v] = LN1(x) W_qkv + b_qkv,   A_n = softmax(q_n k_n^T / sqrt(H) + B_n)   (head n of N, H = D / N)
 
 over the ``T = 1 + L`` tokens, the class token first; each row of ``A_n`` sums to 1 over all ``T`` keys.
+``B_n`` is the ViT's relative position bias for head ``n`` (``config.model.rel_pos_bias``,
+`sslx.models.relative_position`): the one the encoder's pass builds from the shared table or from the last
+block's own, taken from that same pass, so it is indexed exactly as the block indexes it; 0 without one.
 `cls_attention_maps` keeps the class token's row over the patch keys, ``A_n[0, 1:]``, laid out on the
 patch grid: a map sums to ``1 - A_n[0, 0]`` (the class token's attention to itself is left out, as in DINO's
 pictures).
@@ -17,6 +20,9 @@ evaluation). The encoder module itself is not changed: its training program stay
 """
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -25,21 +31,26 @@ from sslx.convert import scan_layout
 from sslx.models import vit
 
 
-def head_attention(tokens: jax.Array, qkv_kernel: jax.Array, qkv_bias: jax.Array, num_heads: int) -> jax.Array:
-  """``A_n = softmax(q_n k_n^T / sqrt(H))`` of every head, float32 ``(B, N, T, T)`` (module docstring).
+def head_attention(tokens: jax.Array, qkv_kernel: jax.Array, qkv_bias: jax.Array, num_heads: int,
+                   position_bias: Optional[jax.Array] = None) -> jax.Array:
+  """``A_n = softmax(q_n k_n^T / sqrt(H) + B_n)`` of every head, float32 ``(B, N, T, T)`` (module docstring).
 
   Args:
     tokens: ``(B, T, D)``, the block's input after its first LayerNorm.
     qkv_kernel: ``(D, 3D)``: q, k and v for each head, in `sslx.models.vit.Attention`'s ``(3, N, H)`` order.
     qkv_bias: ``(3D,)``.
     num_heads: ``N``.
+    position_bias: ``B``, ``(N, T, T)``: a relative position bias the block adds to its logits, or None.
   """
   batch, length, width = tokens.shape
   highest = jax.lax.Precision.HIGHEST  # maps are read, not trained: no TF32 on GPU
   qkv = jnp.einsum("btd,de->bte", tokens.astype(jnp.float32), qkv_kernel.astype(jnp.float32), precision=highest)
   qkv = (qkv + qkv_bias.astype(jnp.float32)).reshape(batch, length, 3, num_heads, width // num_heads)
   logits = jnp.einsum("btnh,bsnh->bnts", qkv[:, :, 0], qkv[:, :, 1], precision=highest)
-  return jax.nn.softmax(logits / jnp.sqrt(jnp.float32(width // num_heads)), axis=-1)
+  logits = logits / jnp.sqrt(jnp.float32(width // num_heads))
+  if position_bias is not None:
+    logits = logits + position_bias.astype(jnp.float32)
+  return jax.nn.softmax(logits, axis=-1)
 
 
 def last_block_attention(encoder: nn.Module, variables, images: jax.Array) -> jax.Array:
@@ -54,12 +65,19 @@ def last_block_attention(encoder: nn.Module, variables, images: jax.Array) -> ja
     raise ValueError(f"Attention maps need a ViT encoder, not {type(encoder).__name__}")
   variables = scan_layout.unstack_blocks(nn.unbox(variables))
   last = f"block_{encoder.depth - 1}"
-  is_norm1 = lambda module, method: method == "__call__" and module.path == (last, "norm1")
+  # Where the pass builds the bias the last block adds (`sslx.models.relative_position.encoder_bias`).
+  bias_paths = {"shared": ("rel_pos_bias",), "per_block": (last, "attn", "rel_pos_bias")}
+  bias_path = bias_paths.get(encoder.rel_pos_bias)
+  captured = lambda module, method: method == "__call__" and module.path in ((last, "norm1"), bias_path)
   _, state = encoder.clone(scan_blocks=False, remat="none").apply(
-      variables, images, train=False, capture_intermediates=is_norm1, mutable=["intermediates"])
-  tokens = state["intermediates"][last]["norm1"]["__call__"][0]
+      variables, images, train=False, capture_intermediates=captured, mutable=["intermediates"])
+  intermediates = state["intermediates"]
+  tokens = intermediates[last]["norm1"]["__call__"][0]
+  position_bias = None
+  if bias_path is not None:
+    position_bias = functools.reduce(lambda tree, key: tree[key], bias_path, intermediates)["__call__"][0]
   qkv = variables["params"][last]["attn"]["qkv"]
-  return head_attention(tokens, qkv["kernel"], qkv["bias"], encoder.num_heads)
+  return head_attention(tokens, qkv["kernel"], qkv["bias"], encoder.num_heads, position_bias)
 
 
 def cls_attention_maps(encoder: nn.Module, variables, images: jax.Array) -> jax.Array:
