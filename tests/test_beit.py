@@ -234,41 +234,21 @@ def test_cli_run_resumes_exactly(tokenizer_run, cli_run, tmp_path):
 
 
 # One batch's loss and gradients with a (random) tokenizer in method state, on 1 device, then with the batch
-# (and with 4-way FSDP the parameters and the tokenizer's convolutions: its :test bottleneck is 4 wide) split
-# over 8 fake CPU devices; argv: `TINY` as JSON.
+# (and with 4-way FSDP the parameters and the tokenizer's width-wide convolutions) split over 8 fake CPU
+# devices (`sharded_gradients.assert_devices_agree`); argv: `TINY` as JSON.
 EIGHT_DEVICES = """
 import json, sys
 import jax, numpy as np
-from flax import linen as nn
-from jax.sharding import Mesh
 import contrastive_helpers as helpers
-from sslx import methods, parallel
+from sharded_gradients import assert_devices_agree
+from sslx import methods
 from sslx.methods import beit
 from test_configs import load_config
 section = beit.tokenizer_section(load_config("tokenizer_fashion_mnist", "test"), "unused")
 method = methods.build_method(helpers.tiny_config("beit_fashion_mnist", **json.loads(sys.argv[1]),
                                                   **{"method.tokenizer": section}))
 images = np.random.default_rng(0).normal(size=(16, 28, 28, 1)).astype(np.float32)
-rng = jax.random.PRNGKey(3)
-init = lambda: method.init(rng, {"image": images[:1]})
-boxed = jax.eval_shape(init)
-
-def loss_and_grads(devices, fsdp):
-  mesh = Mesh(np.array(devices).reshape(-1, fsdp), parallel.DATA_AXES)
-  shardings = parallel.shardings_from_logical(boxed, mesh, parallel.logical_axis_rules(fsdp))
-  variables, state = jax.jit(lambda: nn.unbox(init()), out_shardings=shardings)()
-  batch = jax.device_put({"image": images}, parallel.batch_sharding(mesh))
-  objective = lambda params, state, batch: method.loss_fn({"params": params}, state, batch, rng)[0]
-  loss, grads = jax.jit(jax.value_and_grad(objective))(variables["params"], state, batch)
-  return float(loss), jax.device_get(grads)
-
-loss1, grads1 = loss_and_grads(jax.devices()[:1], 1)
-scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads1))
-for fsdp in (1, 4):
-  loss8, grads8 = loss_and_grads(jax.devices(), fsdp)
-  np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale), grads8, grads1)
-print("gradients match")
+assert_devices_agree(method, images, jax.random.PRNGKey(3), (1, 4))
 """
 
 

@@ -302,8 +302,9 @@ def test_a_beit_run_loads_the_tokenizer_and_gets_its_token_ids(cli_run):
 
 
 # One batch's loss, gradients and codebook update (moving averages and dead-code restarts) on 1 device, then
-# with the batch split over 8 fake CPU devices (`sharded_gradients.assert_devices_agree`). Data parallel only:
-# FSDP splits every convolution's output channels, and the decoder's last one has a single (grey) channel.
+# with the batch split over 8 fake CPU devices (`sharded_gradients.assert_devices_agree`), data parallel and
+# with FSDP 2 and 8: the :test tokenizer's 8-wide convolutions split, its 4-wide bottlenecks, 8-dim codes and
+# single (grey) output channel stay whole. Then ImageNet's :local tokenizer, for 3 output channels.
 EIGHT_DEVICES = """
 import jax, numpy as np
 from sharded_gradients import assert_devices_agree
@@ -311,11 +312,14 @@ from sslx import methods
 from test_configs import load_config
 method = methods.build_method(load_config("tokenizer_fashion_mnist", "test"))
 images = np.random.default_rng(0).normal(size=(16, 28, 28, 1)).astype(np.float32)
-_, _, model_state = assert_devices_agree(method, images, jax.random.PRNGKey(3), (1,))
+_, _, model_state = assert_devices_agree(method, images, jax.random.PRNGKey(3), (1, 2, 8))
 codebook = model_state["codebook"]["quantizer"]
 assert sorted(codebook) == ["cluster_size", "embed_sum", "embedding"], model_state
 restarted = int(np.sum(codebook["cluster_size"] == 1.0))  # the codes no vector chose (threshold 1)
 assert 0 < restarted < 64, restarted
+rgb = np.random.default_rng(1).normal(size=(16, 32, 32, 3)).astype(np.float32)
+local = methods.build_method(load_config("tokenizer_imagenet", "local"))
+assert_devices_agree(local, rgb, jax.random.PRNGKey(4), (2, 8))
 """
 
 
@@ -323,7 +327,19 @@ def test_eight_devices_give_the_loss_gradients_and_codebook_of_one():
   result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES], env=cpu_env(8), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "gradients match" in result.stdout
+  assert result.stdout.count("gradients match") == 2, result.stdout
+
+
+def test_fsdp_must_divide_the_width_only():
+  """Width 6 at FSDP 2 passes (its 3-wide bottlenecks stay whole); at FSDP 4 it is refused by name."""
+  config = load_config(CONFIG, "test")
+  config.unlock()
+  config.method.width, config.parallel.fsdp = 6, 4
+  with pytest.raises(ValueError, match=r"config\.parallel\.fsdp=4 splits the tokenizer's convolutions of "
+                                       r"config\.method\.width=6 channels over 4 devices"):
+    tokenizer.validate_config(config)
+  config.parallel.fsdp = 2
+  tokenizer.validate_config(config)
 
 
 def test_embed_visualize_and_the_dvae_schedules():

@@ -80,6 +80,7 @@ def validate_config(config) -> None:
   config_lib.check_int(mc.vocab_size, "method.vocab_size", 2)
   config_lib.check_int(mc.width, "method.width")
   config_lib.check_int(mc.num_res_blocks, "method.num_res_blocks", 0)
+  _check_fsdp(config)
   _check_grid(config)
   try:
     vit.resolve_dtype(mc.dtype)
@@ -103,6 +104,17 @@ def validate_config(config) -> None:
   if layer_decay is not None:
     raise ValueError(f"config.optimizer.layer_decay={layer_decay} is for fine-tuning a ViT; the tokenizer "
                      "has no ViT blocks: set it to None")
+
+
+def _check_fsdp(config) -> None:
+  """FSDP splits the output channels of the tokenizer's ``width``-wide convolutions (the others stay whole,
+  `sslx.models.tokenizer`), so the FSDP width must divide ``config.method.width``: otherwise placing the
+  parameters would fail at initialisation."""
+  width, fsdp = config.method.width, config.get("parallel", {}).get("fsdp", 1)
+  if fsdp > 1 and width % fsdp:
+    raise ValueError(f"config.parallel.fsdp={fsdp} splits the tokenizer's convolutions of config.method.width="
+                     f"{width} channels over {fsdp} devices, but {width} is not divisible by {fsdp}: choose a "
+                     "width that is, or a smaller config.parallel.fsdp")
 
 
 def _check_grid(config) -> None:

@@ -17,6 +17,13 @@ patch grid (112 px / 8 = 224 px / 16 = 14). Two quantisers:
   KL to the uniform prior (`kl_to_uniform`) is the method's loss term.
 
 `token_ids` is the deterministic map images -> ``(B, h, w)`` int32 that BEiT's targets come from.
+
+Sharding: with ``config.parallel.fsdp > 1`` the kernels and biases of the ``width``-wide convolutions split
+their output channels over the ``'fsdp'`` mesh axis (logical axis ``'conv_out'``, as a ResNet's). The other
+outputs (a `ResBlock`'s bottleneck, the codes or logits, the pixels) name no logical axis and stay whole on
+every device: 1 or 3 pixel channels cannot be split, and a bottleneck of half the width need not divide by
+the FSDP width where the width does. So ``width`` is the one size FSDP must divide (checked by
+`sslx.methods.tokenizer.validate_config`).
 """
 from __future__ import annotations
 
@@ -31,21 +38,25 @@ from sslx.models.vit import partitioned
 Dtype = Any
 
 CODEBOOK = "codebook"  # the EMA quantiser's collection: embedding, cluster_size, embed_sum
-CONV_AXES = (None, None, "conv_in", "conv_out")
+CONV_AXES = (None, None, "conv_in", "conv_out")  # width-wide outputs: split under FSDP
+WHOLE_OUT_AXES = (None, None, "conv_in", None)  # the other outputs: whole on every device
 
 
-def conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1, gain: float = 2.0) -> nn.Conv:
+def conv(features: int, kernel: int, dtype: Dtype, name: str, stride: int = 1, gain: float = 2.0,
+         split_out: bool = True) -> nn.Conv:
   """``kernel x kernel`` convolution with bias, padded so that stride ``s`` divides the size by ``s``
   (kernel 4 stride 2: one pixel each side, as the VQ-VAE's downsampling convolutions). Kernels are drawn
   with variance ``gain / fan_in``: 2 (He) where a ReLU follows, 1 where none does (the codes' embedding and
-  the outputs: codes, logits, pixels), 0 for the residual branches' last layers."""
+  the outputs: codes, logits, pixels), 0 for the residual branches' last layers. ``split_out=False`` for an
+  output that is not the hidden width: FSDP leaves it whole (see the module docstring)."""
   pad = (kernel - stride) // 2 if stride > 1 else kernel // 2
   init = nn.initializers.zeros
   if gain:
     init = nn.initializers.variance_scaling(gain, "fan_in", "truncated_normal")
+  axes = CONV_AXES if split_out else WHOLE_OUT_AXES
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 dtype=dtype, param_dtype=jnp.float32, kernel_init=partitioned(init, CONV_AXES),
-                 bias_init=partitioned(nn.initializers.zeros, ("conv_out",)), name=name)
+                 dtype=dtype, param_dtype=jnp.float32, kernel_init=partitioned(init, axes),
+                 bias_init=partitioned(nn.initializers.zeros, axes[-1:]), name=name)
 
 
 class ResBlock(nn.Module):
@@ -59,7 +70,7 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    y = conv(max(width // 2, 1), 3, self.dtype, "conv1")(nn.relu(x))
+    y = conv(max(width // 2, 1), 3, self.dtype, "conv1", split_out=False)(nn.relu(x))
     return x + conv(width, 1, self.dtype, "conv2", gain=0.0)(nn.relu(y))
 
 
@@ -87,7 +98,7 @@ class ConvEncoder(nn.Module):
     for i in range(self.num_res_blocks):
       x = ResBlock(self.dtype, name=f"res_{i}")(x)
     hidden = nn.relu(x)
-    out = conv(self.out_dim, 1, self.dtype, "to_codes", gain=1.0)(hidden)
+    out = conv(self.out_dim, 1, self.dtype, "to_codes", gain=1.0, split_out=False)(hidden)
     pooled = jnp.mean(hidden, axis=(1, 2))
     return out, dict(pooled=pooled, feature_map=hidden)
 
@@ -113,7 +124,8 @@ class ConvDecoder(nn.Module):
     for i in range(self.num_upsamples):
       x = jnp.repeat(jnp.repeat(nn.relu(x), 2, axis=1), 2, axis=2)
       last = i == self.num_upsamples - 1
-      x = conv(self.channels if last else self.width, 3, self.dtype, f"up_{i}", gain=1.0 if last else 2.0)(x)
+      x = conv(self.channels if last else self.width, 3, self.dtype, f"up_{i}", gain=1.0 if last else 2.0,
+               split_out=not last)(x)
     return x.astype(jnp.float32)
 
 
