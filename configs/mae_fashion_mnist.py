@@ -5,7 +5,8 @@ r"""Quick start: MAE on Fashion-MNIST (28x28 grey, patch 4) that pretrains on a 
 Reads the IDX files of Debian's `dataset-fashion-mnist` package (/usr/share/datasets/fashion-mnist), or
 ``--config.data.data_dir=DIR`` holding the same four files. It ends by printing the kNN and linear-probe
 accuracy of the trained encoder beside a randomly initialised one's. ``:test`` shrinks it to 6 steps of a
-one-block encoder and decoder with small monitor subsets, for the tests.
+one-block encoder and decoder with small monitor subsets, for the tests. Random masking of 75% by default;
+another strategy with e.g. ``--config.method.mask_strategy=block`` (`sslx.mask_policy`).
 """
 from sslx import config as config_lib
 from sslx import config_args

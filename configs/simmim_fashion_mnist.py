@@ -4,7 +4,8 @@ r"""SimMIM on Fashion-MNIST (28x28 grey, the quick start's ViT-Ti/4): pretrains 
 
 Reads the IDX files `configs/mae_fashion_mnist.py` reads; the recipe: `sslx.recipes_mim.simmim_fashion_mnist`.
 It ends by printing the kNN and linear-probe accuracy of the trained encoder beside a random one's.
-``:test`` shrinks it to 6 steps of a one-block encoder with small monitor subsets, for the tests.
+``:test`` shrinks it to 6 steps of a one-block encoder with small monitor subsets, for the tests. SimMIM's
+mask cells by default; another strategy with e.g. ``--config.method.mask_strategy=block`` (`sslx.mask_policy`).
 """
 from sslx import config as config_lib
 from sslx import config_args

@@ -14,6 +14,8 @@ Bad static arguments raise a ``ValueError`` naming the argument before anything 
 - :func:`importance_mask`: the patches a score ranks highest or lowest (AttMask);
 - :func:`progressive_mask_ratio`: a linear ratio schedule over the run.
 
+`sslx.mask_policy` picks one of them from a run's ``config.method`` for MAE, SimMIM and BEiT.
+
 Progressive masking without recompiling: the mask ratio may be a traced scalar. Methods that keep every
 token and replace the masked ones by a mask token (SimMIM, BEiT) consume a fixed-size boolean mask whose
 masked count changes in-graph (:func:`random_mask`, :func:`simmim_mask` select the patches whose noise
@@ -136,6 +138,16 @@ def _ranks(values: jax.Array) -> jax.Array:
 def _select_by_rank(key: jax.Array, batch: int, n: int, count: jax.Array) -> jax.Array:
   """``(batch, n)`` bool with exactly ``count`` True per row, uniformly at random; ``count`` may be traced."""
   return _ranks(uniform_noise(key, batch, n)) < count
+
+
+def simmim_mask_count(num_cells: int, mask_ratio: float) -> int:
+  """How many of ``num_cells`` cells :func:`simmim_mask` masks per image at a static ``mask_ratio``."""
+  return int(_count(num_cells, mask_ratio))
+
+
+def random_mask_count(num_patches: int, mask_ratio: float) -> int:
+  """How many patches :func:`random_mask` masks per image at a static ``mask_ratio``."""
+  return int(_count(num_patches, mask_ratio, minus=0.5))
 
 
 def simmim_mask(key: jax.Array, batch: int, grid, mask_patch: int, mask_ratio) -> jax.Array:

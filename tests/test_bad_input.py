@@ -32,7 +32,8 @@ def test_unknown_config_key_on_the_command_line_is_named(tmp_path):
       env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      "unknown config key 'method.mask_ration' (did you mean 'method.mask_ratio'?)"]
+      "unknown config key 'method.mask_ration' (did you mean 'method.mask_ratio' or 'method.mask_ratio_end' or "
+      "'method.mask_strategy'?)"]
 
 
 def test_unknown_config_key_in_a_config_file_is_named():

@@ -1,10 +1,14 @@
 """BEiT (Bao et al., 2022): predict the visual tokens of masked patches from a ViT that sees every token.
 
 Targets: a frozen tokenizer maps each image to tokens ``z in {0, ..., K - 1}``, one per patch of the ViT's
-``h x w`` grid. Masking: `sslx.masking.blockwise_mask` masks ``M = round(r L)`` of the ``L = h w`` patches
-of each image in rectangular blocks of at least ``min_block`` patches (BEiT: ``r = 75 / 196`` and
-``min_block = 16`` on 14 x 14; ``min_block`` None scales 16 to the grid, ``round(16 L / 196)``: 4 on
-Fashion-MNIST's 7 x 7, where ``M = 19``). The masked patch embeddings become the encoder's mask token
+``h x w`` grid. Masking (`sslx.mask_policy`, ``config.method.mask_strategy``): by default ``block``,
+`sslx.masking.blockwise_mask` masks ``M = round(r L)`` of the ``L = h w`` patches of each image in rectangular
+blocks of at least ``min_block`` patches (BEiT: ``r = 75 / 196`` and ``min_block = 16`` on 14 x 14;
+``min_block`` None scales 16 to the grid, ``round(16 L / 196)``: 4 on Fashion-MNIST's 7 x 7, where
+``M = 19``); ``random``, ``simmim``, ``grid`` and ``importance`` (ranked by the encoder's own class-token
+attention over the unmasked image: one more encoder forward pass per step) are selectable too. Each gives
+every image the same static ``M``, which the head's gather needs, so a progressive ratio
+(``mask_ratio_end``) is refused. The masked patch embeddings become the encoder's mask token
 (``config.model.mask_token``); a linear head maps the encoder's final tokens (LayerNorm applied) at the
 masked positions ``M_b`` to ``K`` logits, and the loss is the cross-entropy against the tokens there, as the
 reference's ``lm_head`` on ``x[bool_masked_pos]``:
@@ -33,7 +37,6 @@ Where the tokens come from (`config.method`):
 from __future__ import annotations
 
 import json
-import math
 from typing import Optional
 
 import jax
@@ -44,15 +47,13 @@ from ml_collections.config_dict import placeholder
 
 from sslx import config as config_lib
 from sslx import init_from
-from sslx import masking
+from sslx import mask_policy
 from sslx.methods import Method, RunLength, online_encoder
 from sslx.methods import tokenizer as tokenizer_method
 from sslx.models import tokenizer as tokenizer_lib
 from sslx.models import vit
 
 TOKENIZER_STATE = "method_state/tokenizer"  # where config.init_from puts the tokenizer's variables
-# BEiT's min_block = 16 on ViT-B/16's 196 patches; other grids keep that share of the image.
-_REFERENCE_MIN_BLOCK, _REFERENCE_PATCHES = 16, 196
 
 
 class BEiT(nn.Module):
@@ -70,12 +71,11 @@ class BEiT(nn.Module):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """``config.method`` of BEiT: the paper's 75 of 196 patches in blocks of 16 or more; no token source."""
+  """``config.method`` of BEiT: the paper's 75 of 196 patches in blocks of 16 or more (the other masking keys
+  of `sslx.mask_policy` with their defaults); no token source."""
   return ml_collections.ConfigDict(dict(
       name="beit",
-      mask_ratio=75 / 196,          # patches masked per image: round(ratio * L)
-      min_block=placeholder(int),   # fewest patches a block proposes; None: 16 of 196, scaled to the grid
-      max_block=placeholder(int),   # most patches a block proposes; None: as many as are left to mask
+      **mask_policy.config_keys("block", mask_ratio=75 / 196),
       vocab_size=placeholder(int),  # None: the tokenizer's; required with token_ids_key
       tokenizer=None,               # a tokenizer run's sections, set by `use_tokenizer_run`
       token_ids_key=placeholder(str),  # or: the batch key of precomputed token ids
@@ -164,7 +164,7 @@ def validate_config(config) -> None:
   if config.model.get("mask_token") is not True:
     raise ValueError(f"config.model.mask_token={config.model.get('mask_token')!r}: BEiT replaces masked "
                      "patches by the encoder's mask token; set it to True")
-  mask_counts(config)
+  mask_policy_of(config)
   _check_targets(config)
   layer_decay = config.get("optimizer", {}).get("layer_decay")
   if layer_decay is not None:
@@ -186,29 +186,17 @@ def _grid(config) -> int:
   return config.data.image_size // vit.parse_variant(config.model.variant)["patch_size"]
 
 
-def mask_counts(config) -> tuple[int, int, Optional[int]]:
-  """``(M, min_block, max_block)`` for the run's patch grid, checked; ``M = round(mask_ratio * L)``."""
-  mc, grid = config.method, _grid(config)
-  num_patches = grid * grid
-  config_lib.check_number(mc.mask_ratio, "method.mask_ratio", lambda v: 0.0 < v < 1.0,
-                          "strictly between 0 and 1")
-  num_masked = int(math.floor(num_patches * mc.mask_ratio + 0.5))
-  if not 1 <= num_masked < num_patches:
-    raise ValueError(f"config.method.mask_ratio={mc.mask_ratio} masks {num_masked} of the {num_patches} "
-                     f"patches ({grid}x{grid}: config.data.image_size / the patch size of "
-                     "config.model.variant); at least one must be masked and one visible")
-  config_lib.check_int(mc.min_block, "method.min_block", none_means="16 of 196 patches, scaled to the grid")
-  config_lib.check_int(mc.max_block, "method.max_block", none_means="no bound")
-  min_block = mc.min_block
-  if min_block is None:
-    min_block = min(max(1, round(_REFERENCE_MIN_BLOCK * num_patches / _REFERENCE_PATCHES)), num_masked)
-  if min_block > num_masked:
-    raise ValueError(f"config.method.min_block={min_block} exceeds the {num_masked} patches "
-                     f"config.method.mask_ratio={mc.mask_ratio} masks on the {grid}x{grid} grid")
-  if mc.max_block is not None and mc.max_block < min_block:
-    raise ValueError(f"config.method.max_block={mc.max_block} is below the minimum block of {min_block} "
-                     "patches (config.method.min_block)")
-  return num_masked, min_block, mc.max_block
+def mask_policy_of(config) -> mask_policy.MaskPolicy:
+  """The run's masking, checked: a static count ``M`` per image for every strategy."""
+  return mask_policy.from_config(config, default_config(),
+                                 static_count="BEiT's head gathers a static number of masked positions")
+
+
+def mask_counts(config) -> tuple[int, Optional[int], Optional[int]]:
+  """``(M, min_block, max_block)`` of the run's masking (the block sizes are None unless
+  ``config.method.mask_strategy='block'``); ``M = round(mask_ratio * L)`` for blocks."""
+  policy = mask_policy_of(config)
+  return policy.num_masked, policy.min_block, policy.max_block
 
 
 def _check_targets(config) -> None:
@@ -309,18 +297,18 @@ def build(config, run_length: RunLength) -> Method:
   """The BEiT bundle (module docstring)."""
   del run_length  # BEiT follows no schedule of its own
   model = model_from_config(config)
-  grid = (_grid(config),) * 2
-  num_masked, min_block, max_block = mask_counts(config)
+  policy = mask_policy_of(config)
+  num_masked = policy.num_masked
   init_state, targets = target_fn(config)
   embed, encoder_variables = online_encoder(model.encoder)
-
-  def draw_mask(rng, batch_size):
-    return masking.blockwise_mask(rng, batch_size, grid, num_masked, min_block=min_block, max_block=max_block)
+  masks = mask_policy.method_masks(policy, model.encoder, encoder_variables)
 
   def init(rng, batch):
-    params_rng, state_rng, mask_rng = jax.random.split(rng, 3)
+    # Split in three as when the third key drew the init mask, so the parameters are the same: they depend on
+    # shapes only, and any mask of M patches will do (importance has no encoder to score with yet).
+    params_rng, state_rng, _ = jax.random.split(rng, 3)
     images = batch["image"]
-    mask = draw_mask(mask_rng, images.shape[0])
+    mask = mask_policy.placeholder_mask(policy, images.shape[0])
     positions = masked_positions(mask, num_masked)
     variables = model.init({"params": params_rng}, images, mask, positions, train=False)
     return dict(variables), init_state(state_rng)
@@ -328,7 +316,7 @@ def build(config, run_length: RunLength) -> Method:
   def loss_fn(variables, method_state, batch, rng):
     masking_rng, dropout_rng = jax.random.split(rng)
     images = batch["image"]
-    mask = draw_mask(masking_rng, images.shape[0])
+    mask = masks(masking_rng, variables, method_state, images)
     positions = masked_positions(mask, num_masked)
     ids = jnp.take_along_axis(targets(method_state, batch), positions, axis=1)
     logits = model.apply(variables, images, mask, positions, train=True, rngs={"dropout": dropout_rng})

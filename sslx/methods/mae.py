@@ -1,7 +1,14 @@
-"""Masked autoencoder (He et al., 2022): reconstruct the pixels of randomly masked patches.
+"""Masked autoencoder (He et al., 2022): reconstruct the pixels of masked patches.
 
 The encoder sees only the visible patches (plus a class token); a lightweight decoder fills the masked
 positions with a shared mask token and predicts every patch; the loss counts masked patches only.
+
+Masking (`sslx.mask_policy`, ``config.method.mask_strategy``): ``random`` by default, the reference's argsort
+of uniform noise (`masking.random_masking`, keeping ``int(L (1 - mask_ratio))`` patches), drawn inside the
+model; ``simmim``, ``block``, ``grid`` and ``importance`` draw a boolean mask with a static count, whose
+visible patches the encoder keeps (`mask_policy.token_dropping`). Dropping tokens makes the visible count an
+array shape, so a progressive ratio (``mask_ratio_end``) is refused. ``importance`` ranks the patches by the
+encoder's own class-token attention over the whole image: one more encoder pass per step.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ from flax import linen as nn
 
 from sslx import config as config_lib
 from sslx import losses
+from sslx import mask_policy
 from sslx import masking
 from sslx.methods import Method, RunLength, online_encoder
 from sslx.models import attention as attention_lib
@@ -25,19 +33,21 @@ from sslx.models.patches import unpatchify
 
 
 class MaskedAutoencoder(nn.Module):
-  """Encoder + decoder around random masking. Params: ``{'encoder': ..., 'decoder': ...}``."""
+  """Encoder + decoder around token dropping. Params: ``{'encoder': ..., 'decoder': ...}``."""
   encoder: vit.VisionTransformer
   decoder: decoders.MAEDecoder
   mask_ratio: float = 0.75
 
   @nn.compact
-  def __call__(self, images, *, train: bool, noise: Optional[jax.Array] = None):
+  def __call__(self, images, *, train: bool, noise: Optional[jax.Array] = None, keep=None):
     """Masks, encodes and reconstructs.
 
     Args:
       images: ``(B, H, W, C)``.
       train: training mode (drop path in the encoder; needs the ``'dropout'`` rng).
-      noise: optional ``(B, L)`` masking noise; drawn from the ``'masking'`` rng when ``None``.
+      noise: optional ``(B, L)`` random-masking noise; drawn from the ``'masking'`` rng when ``None``.
+      keep: optional ``(ids_keep, mask, ids_restore)`` of another mask (`sslx.mask_policy.token_dropping`),
+        used instead of random masking.
 
     Returns:
       dict with ``pred`` ``(B, L, p*p*C)``, ``mask`` ``(B, L)`` (1 = masked), ``ids_restore`` and
@@ -46,9 +56,11 @@ class MaskedAutoencoder(nn.Module):
     batch, height, width, _ = images.shape
     p = self.encoder.patch_size
     grid = (height // p, width // p)
-    if noise is None:
-      noise = masking.uniform_noise(self.make_rng("masking"), batch, grid[0] * grid[1])
-    ids_keep, mask, ids_restore = masking.random_masking(noise, self.mask_ratio)
+    if keep is None:
+      if noise is None:
+        noise = masking.uniform_noise(self.make_rng("masking"), batch, grid[0] * grid[1])
+      keep = masking.random_masking(noise, self.mask_ratio)
+    ids_keep, mask, ids_restore = keep
     _, aux = self.encoder(images, train=train, ids_keep=ids_keep)
     tokens = jnp.concatenate([aux["cls_token"][:, None], aux["patch_tokens"]], axis=1)
     pred = self.decoder(tokens, ids_restore, train=train, grid_hw=grid)
@@ -56,9 +68,10 @@ class MaskedAutoencoder(nn.Module):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """``config.method`` of MAE: the paper's mask ratio, target and decoder (512 wide, 8 deep)."""
+  """``config.method`` of MAE: the paper's random masking of 75%, target and decoder (512 wide, 8 deep);
+  the other masking keys (`sslx.mask_policy`) with their defaults."""
   return ml_collections.ConfigDict(dict(
-      name="mae", mask_ratio=0.75, norm_pix_loss=True,
+      name="mae", **mask_policy.config_keys("random", mask_ratio=0.75), norm_pix_loss=True,
       decoder=dict(width=512, depth=8, num_heads=16, mlp_dim=2048)))
 
 
@@ -67,7 +80,7 @@ def validate_config(config) -> None:
   if config.model.get("name", "vit") != "vit":
     raise ValueError(f"config.method.name='mae' needs a token encoder: config.model.name="
                      f"{config.model.name!r} is not 'vit'")
-  _check_mask_ratio(config)
+  mask_policy_of(config)
   config_lib.check_bool(config.method.norm_pix_loss, "method.norm_pix_loss")
   decoder = config.method.decoder
   for key in ("width", "depth", "num_heads", "mlp_dim"):
@@ -90,27 +103,9 @@ def validate_config(config) -> None:
                      "also holds the decoder's blocks: set it to None")
 
 
-def _check_mask_ratio(config) -> None:
-  """The ratio must leave at least one patch visible and mask at least one (`masking.num_kept`)."""
-  ratio = config.method.mask_ratio
-  if not config_lib.is_number(ratio) or not 0.0 < ratio < 1.0:
-    raise ValueError(f"config.method.mask_ratio={ratio!r} must lie strictly between 0 and 1")
-  size, variant = config.data.image_size, config.model.variant
-  patch = vit.parse_variant(variant)["patch_size"]
-  num_patches = (size // patch) ** 2
-  images = f"({size}x{size} images, patch size {patch} from config.model.variant={variant!r})"
-  if num_patches < 2:
-    raise ValueError(f"config.data.image_size={size} makes {num_patches} patch {images}; MAE needs 2 or more")
-  try:
-    masking.num_kept(num_patches, ratio)
-  except ValueError:
-    largest = masking.max_mask_ratio(num_patches)
-    if ratio > largest:
-      raise ValueError(f"config.method.mask_ratio={ratio} leaves no visible patch of the {num_patches} "
-                       f"patches {images}; the largest ratio allowed is {largest!r} (1 - 1/{num_patches})"
-                       ) from None
-    raise ValueError(f"config.method.mask_ratio={ratio} masks none of the {num_patches} patches {images}"
-                     ) from None
+def mask_policy_of(config) -> mask_policy.MaskPolicy:
+  """The run's masking, checked; keys a config lacks (one written before the selector) take MAE's defaults."""
+  return mask_policy.from_config(config, default_config(), drops_tokens=True)
 
 
 def model_from_config(config) -> MaskedAutoencoder:
@@ -133,30 +128,44 @@ def model_from_config(config) -> MaskedAutoencoder:
 
 
 def build(config, run_length: RunLength) -> Method:
-  """The MAE method bundle; ``config.method.norm_pix_loss`` picks the target."""
-  del run_length  # MAE follows no schedule of its own
+  """The MAE method bundle; ``config.method.norm_pix_loss`` picks the target, `mask_policy_of` the masking."""
+  del run_length  # MAE follows no schedule of its own (it refuses a progressive mask ratio)
   model = model_from_config(config)
   patch_size = model.encoder.patch_size
   norm_pix = bool(config.method.norm_pix_loss)
+  policy = mask_policy_of(config)
   embed, encoder_variables = online_encoder(model.encoder)
+  masks = mask_policy.method_masks(policy, model.encoder, encoder_variables)
+
+  def apply(variables, method_state, images, masking_rng, rngs, *, train):
+    """The model on ``images`` masked by the policy from ``masking_rng``; ``rngs``: the other rngs."""
+    if policy.strategy == "random":
+      # The reference's argsort of noise, drawn inside the model: Hugging Face's masks, bit for bit.
+      return model.apply(variables, images, train=train, rngs={"masking": masking_rng, **rngs})
+    keep = mask_policy.token_dropping(masks(masking_rng, variables, method_state, images), policy.num_masked)
+    return model.apply(variables, images, train=train, keep=keep, rngs=rngs)
 
   def init(rng, batch):
     params_rng, masking_rng = jax.random.split(rng)
-    variables = model.init({"params": params_rng, "masking": masking_rng}, batch["image"], train=False)
+    images = batch["image"]
+    keep = None
+    if policy.strategy != "random":
+      # Parameters depend on shapes only, and random masking need not accept a mask_ratio grid never reads.
+      keep = mask_policy.token_dropping(mask_policy.placeholder_mask(policy, images.shape[0]), policy.num_masked)
+    variables = model.init({"params": params_rng, "masking": masking_rng}, images, train=False, keep=keep)
     return dict(variables), {}
 
   def loss_fn(variables, method_state, batch, rng):
     masking_rng, dropout_rng = jax.random.split(rng)
     images = batch["image"]
-    out = model.apply(variables, images, train=True, rngs={"masking": masking_rng, "dropout": dropout_rng})
+    out = apply(variables, method_state, images, masking_rng, {"dropout": dropout_rng}, train=True)
     loss = losses.masked_reconstruction_loss(out["pred"], patchify(images, patch_size), out["mask"],
                                              norm_pix=norm_pix)
     return loss, ({"loss": loss}, method_state, {})
 
   def visualize(variables, method_state, batch, rng):
-    del method_state
     images = jnp.asarray(batch["image"], jnp.float32)
-    out = model.apply(variables, images, train=False, rngs={"masking": rng})
+    out = apply(variables, method_state, images, rng, {}, train=False)
     target = patchify(images, patch_size)
     pred = out["pred"].astype(jnp.float32)
     if norm_pix:

@@ -1,9 +1,12 @@
 """SimMIM (Xie et al., 2022): regress the raw pixels of masked patches from a ViT that sees every token.
 
-Masking (`sslx.masking.simmim_mask`): the image is tiled by square cells of ``mask_patch_size`` pixels (the
-paper's 32 px: 2 x 2 model patches of ViT-B/16), and ``ceil(n * r)`` of the ``n`` cells of each image are
-masked, ``r`` the mask ratio. Unlike MAE the encoder keeps every token: the patch embeddings of masked model
-patches become the encoder's learned mask token (``config.model.mask_token``) before the position embedding.
+Masking (`sslx.mask_policy`, ``config.method.mask_strategy``): by default ``simmim``
+(`sslx.masking.simmim_mask`): the image is tiled by square cells of ``mask_patch_size`` pixels (the paper's
+32 px: 2 x 2 model patches of ViT-B/16), and ``ceil(n * r)`` of the ``n`` cells of each image are masked,
+``r`` the mask ratio; ``random``, ``block``, ``grid`` and ``importance`` (ranked by the encoder's own class-token
+attention over the unmasked image: one more encoder forward pass per step) are selectable too. Unlike MAE the
+encoder keeps every token: the patch embeddings of masked model patches become the encoder's learned mask
+token (``config.model.mask_token``) before the position embedding.
 
 Prediction: one linear layer maps each of the encoder's patch tokens (final LayerNorm applied) to that
 patch's ``p * p * C`` pixel values, the paper's 1 x 1 convolution followed by a pixel shuffle (the same map,
@@ -17,9 +20,9 @@ the reference's ``(l1 * mask).sum() / mask.sum() / C``. It is `losses.masked_rec
 ``p=1, norm_pix=False`` and the per-patch mask: the mean over each patch's ``p * p * C`` values, averaged
 over the masked patches, has the same numerator and ``#masked patches * p * p * C`` as denominator.
 
-Progressive masking (``mask_ratio_end``): ``r_t = r_0 + (r_1 - r_0) min(t / T, 1)`` with ``T`` the run's
-steps and ``t = method_state['step']``, the updates done so far (`after_update` advances it); ``r_t`` is a
-traced value, so the ratio changes without recompiling.
+Progressive masking (``mask_ratio_end``, strategies ``simmim`` and ``random``): ``r_t = r_0 + (r_1 - r_0)
+min(t / T, 1)`` with ``T`` the run's steps and ``t = method_state['step']``, the updates done so far
+(`after_update` advances it); ``r_t`` is a traced value, so the ratio changes without recompiling.
 """
 from __future__ import annotations
 
@@ -30,11 +33,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
-from ml_collections.config_dict import placeholder
 
-from sslx import config as config_lib
 from sslx import losses
-from sslx import masking
+from sslx import mask_policy
 from sslx.methods import Method, RunLength, online_encoder
 from sslx.models import vit
 from sslx.models.patches import patchify
@@ -55,13 +56,10 @@ class SimMIM(nn.Module):
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """``config.method`` of SimMIM: the paper's ViT-B mask (32 px cells, ratio 0.6), no progressive masking."""
+  """``config.method`` of SimMIM: the paper's ViT-B mask (32 px cells, ratio 0.6), no progressive masking;
+  the other masking keys (`sslx.mask_policy`) with their defaults."""
   return ml_collections.ConfigDict(dict(
-      name="simmim",
-      mask_patch_size=32,  # side of a mask cell in pixels, a multiple of the model's patch size
-      mask_ratio=0.6,
-      mask_ratio_end=placeholder(float),  # None: constant; else linear from mask_ratio to this over the run
-  ))
+      name="simmim", **mask_policy.config_keys("simmim", mask_ratio=0.6, mask_patch_size=32)))
 
 
 def validate_config(config) -> None:
@@ -73,10 +71,7 @@ def validate_config(config) -> None:
   if config.model.get("mask_token") is not True:
     raise ValueError(f"config.model.mask_token={config.model.get('mask_token')!r}: SimMIM replaces masked "
                      "patches by the encoder's mask token; set it to True")
-  num_cells = _check_mask_patch_size(config)
-  _check_ratio(config.method.mask_ratio, "method.mask_ratio", num_cells)
-  if config.method.mask_ratio_end is not None:
-    _check_ratio(config.method.mask_ratio_end, "method.mask_ratio_end", num_cells)
+  mask_policy.from_config(config, default_config())
 
 
 def _check_keys(method_config) -> None:
@@ -90,28 +85,6 @@ def _check_keys(method_config) -> None:
                      f"{default_config()[missing[0]]!r})")
 
 
-def _check_mask_patch_size(config) -> int:
-  """The cells must tile the patch grid; returns their number per image."""
-  size, variant = config.data.image_size, config.model.variant
-  patch = vit.parse_variant(variant)["patch_size"]
-  cell = config.method.mask_patch_size
-  config_lib.check_int(cell, "method.mask_patch_size")
-  if cell % patch:
-    raise ValueError(f"config.method.mask_patch_size={cell} is not a multiple of the patch size {patch} of "
-                     f"config.model.variant={variant!r}")
-  if size % cell:
-    raise ValueError(f"config.method.mask_patch_size={cell} does not divide config.data.image_size={size}")
-  return (size // cell) ** 2
-
-
-def _check_ratio(ratio, key: str, num_cells: int) -> None:
-  """At least one cell masked and one visible: ``0 < r`` and ``ceil(n r) <= n - 1``."""
-  config_lib.check_number(ratio, key, lambda v: 0.0 < v < 1.0, "strictly between 0 and 1")
-  if num_cells < 2 or ratio > 1.0 - 1.0 / num_cells:
-    raise ValueError(f"config.{key}={ratio} masks all {num_cells} mask cells (config.data.image_size / "
-                     "config.method.mask_patch_size per side); it must leave one visible")
-
-
 def model_from_config(config) -> SimMIM:
   """The encoder of ``config.model`` (with its mask token) and a head to ``p * p * config.data.channels``."""
   encoder = vit.from_config(config.model)
@@ -122,19 +95,12 @@ def build(config, run_length: RunLength) -> Method:
   """The SimMIM bundle; ``run_length`` spans the progressive mask ratio."""
   model = model_from_config(config)
   patch_size = model.encoder.patch_size
-  cell = int(config.method.mask_patch_size) // patch_size  # mask cell side in model patches
-  start, end = float(config.method.mask_ratio), config.method.mask_ratio_end
+  policy = mask_policy.from_config(config, default_config())
   embed, encoder_variables = online_encoder(model.encoder)
+  masks = mask_policy.method_masks(policy, model.encoder, encoder_variables, int(run_length.total_steps))
 
-  def mask_ratio(method_state):
-    if end is None:
-      return start
-    total_steps = int(run_length.total_steps)
-    return masking.progressive_mask_ratio(method_state["step"], total_steps, start, float(end))
-
-  def draw_mask(rng, images, method_state):
-    grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
-    return masking.simmim_mask(rng, images.shape[0], grid, cell, mask_ratio(method_state))
+  def draw_mask(rng, variables, method_state, images):
+    return masks(rng, variables, method_state, images, method_state["step"])
 
   def init(rng, batch):
     variables = model.init({"params": rng}, batch["image"], train=False)
@@ -143,7 +109,7 @@ def build(config, run_length: RunLength) -> Method:
   def loss_fn(variables, method_state, batch, rng):
     masking_rng, dropout_rng = jax.random.split(rng)
     images = batch["image"]
-    mask = draw_mask(masking_rng, images, method_state)
+    mask = draw_mask(masking_rng, variables, method_state, images)
     pred = model.apply(variables, images, mask, train=True, rngs={"dropout": dropout_rng})
     loss = losses.masked_reconstruction_loss(pred, patchify(images, patch_size), mask, norm_pix=False, p=1)
     metrics = {"loss": loss, "mask_ratio": jnp.mean(mask.astype(jnp.float32))}
@@ -155,7 +121,7 @@ def build(config, run_length: RunLength) -> Method:
 
   def visualize(variables, method_state, batch, rng):
     images = jnp.asarray(batch["image"], jnp.float32)
-    mask = draw_mask(rng, images, method_state)
+    mask = draw_mask(rng, variables, method_state, images)
     pred = model.apply(variables, images, mask, train=False).astype(jnp.float32)
     target = patchify(images, patch_size)
     masked = mask[..., None].astype(jnp.float32)
