@@ -251,14 +251,19 @@ def dino_fashion_mnist() -> ml_collections.ConfigDict:
 
   Crops (`dino_views`, grey, unblurred: a blur at 28 px smooths away the little texture there is): 2 global of
   28 px (40-100% of the area) and 4 local of 16 px (10-40%: 5% of 28 px is mostly background), patch grids of
-  7 x 7 and 4 x 4. Head 512-512-128 onto K = 4096 prototypes; teacher temperature 0.04 throughout (main_dino.py's
-  default; in the first 90 steps, a warm-up to 0.07 over 0.6 epochs took the teacher's entropy from 71% up to
-  90% of ln K while the KL fell to 0.29 nats, heading for a uniform collapse; at 0.04 it fell to 54% by step 60,
-  then rose to 68% by step 90, the KL at 0.53), teacher momentum 0.99 (0.996 averages over more steps than the
-  468 of the run), the last layer frozen for 0.2 epochs; `_dino_config`'s AdamW (lr 5e-4 x batch / 256) with a
-  0.2-epoch warm-up. Chosen for a 2-epoch CPU run, not tuned. A one-epoch run of it does not learn: its teacher's
-  entropy drifts up to 87% of ln K and the kNN monitor moves 51.5 -> 55.4 (docs/benchmarks.md, 2026-12-07): the
-  cause is still to be found. Unlocked.
+  7 x 7 and 4 x 4. Head 512-512-128 onto K = 4096 prototypes, with BatchNorm after its hidden layers (DINO's
+  ``use_bn``, off in its ViT recipes); teacher temperature 0.04 throughout (main_dino.py's default; a
+  warm-up to 0.07 over 0.6 epochs took the teacher's entropy to 90% of ln K within 90 steps), teacher momentum
+  0.99 (0.996 averages over more steps than the 468 of the run), the last layer frozen for 0.2 epochs;
+  `_dino_config`'s AdamW (lr 5e-4 x batch / 256) with a 0.2-epoch warm-up. Chosen for a 2-epoch CPU run.
+
+  Why the BatchNorm: this encoder's pooled features share one large common component (a random init's feature
+  vectors have a mean pairwise cosine of 0.52, their per-image spread is 5% of their norm), so without it
+  every image's bottleneck points the same way, the teacher's logits differ between images by ~0.05 (cosines,
+  at tau_t = 0.04), and once the prototypes start training its entropy climbs towards ln K (78% by step 117 of
+  a one-epoch run, the kNN monitor 51.5 -> 54.5); with it the teacher stays sharper (54%) and the monitor reads
+  57.6. Neither is learning as fast as MoCo v3 on the same encoder (69.9 at step 117): docs/benchmarks.md,
+  2026-12-07. Unlocked.
   """
   config = recipes._contrastive_fashion_mnist("dino")
   base = _dino_config("Ti/4")
@@ -266,7 +271,8 @@ def dino_fashion_mnist() -> ml_collections.ConfigDict:
   config.model.update(dict(pos_embed="learned", drop_path_rate=0.1))
   config.optimizer, config.schedule = base.optimizer, base.schedule
   config.schedule.warmup_epochs = 0.2
-  config.method.head = dino_head.dino_head_config(out_dim=4096, hidden_dim=512, bottleneck_dim=128)
+  config.method.head = dino_head.dino_head_config(out_dim=4096, hidden_dim=512, bottleneck_dim=128,
+                                                  batch_norm=True)
   config.method.update(dict(momentum=0.99, teacher_temperature=0.04, teacher_temp_warmup_epochs=0.0))
   freeze_last_layer(config, 0.2)
   config.data.views = dino_views(28, 16, 4, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4), blur=False, grey=True)
