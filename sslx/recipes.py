@@ -59,10 +59,7 @@ def mae_imagenet(variant: str, arg: str | None) -> ml_collections.ConfigDict:
     config.model.depth = 2
     config.method.decoder.update(dict(width=128, depth=1, num_heads=4, mlp_dim=512))
     config.data.update(dict(image_size=4 * vit.parse_variant(variant)["patch_size"], num_workers=0, prefetch=1))
-    config.batch_size = 8
-    config.total_steps = 20
-    config.checkpoint.every_steps = 10
-    config.log_every_steps = 5
+    shrink_run_length(config)
     config.viz_every_steps = 10
   return config_lib.finalize(config)
 
@@ -154,16 +151,21 @@ def _resnet50_imagenet(method: str, view: Callable[[int], str]) -> ml_collection
   return config
 
 
+def shrink_run_length(config: ml_collections.ConfigDict) -> None:
+  """The run length of every ``:local`` variant: batch 8, 20 steps, a checkpoint every 10, a log line every 5."""
+  config.batch_size = 8
+  config.total_steps = 20
+  config.checkpoint.every_steps = 10
+  config.log_every_steps = 5
+
+
 def _shrink_for_cpu(config: ml_collections.ConfigDict, view: Callable[[int], str]) -> None:
   """``:local``: ResNet-50 at width 8 on 32 px crops, batch 8, 20 steps: a check of the set-up, not a
   recipe."""
   config.model.width = 8
   config.data.update(dict(image_size=32, num_workers=0, prefetch=1))
   config.data.views = (view(32),) * 2
-  config.batch_size = 8
-  config.total_steps = 20
-  config.checkpoint.every_steps = 10
-  config.log_every_steps = 5
+  shrink_run_length(config)
 
 
 def simclr_imagenet(arg: str | None) -> ml_collections.ConfigDict:

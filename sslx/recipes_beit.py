@@ -94,10 +94,7 @@ def beit_imagenet(variant: str, arg: str | None) -> ml_collections.ConfigDict:
     config.model.depth = 2
     config.data.update(dict(image_size=64, num_workers=0, prefetch=1, augmentation=imagenet_view(64)))
     config.method.vocab_size = None
-    config.batch_size = 8
-    config.total_steps = 20
-    config.checkpoint.every_steps = 10
-    config.log_every_steps = 5
+    recipes.shrink_run_length(config)
   return config_lib.finalize(config)
 
 

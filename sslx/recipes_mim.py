@@ -73,10 +73,7 @@ def simmim_vitb(arg: str | None = None) -> ml_collections.ConfigDict:
   if local:
     config.model.depth = 2
     config.data.update(dict(image_size=64, num_workers=0, prefetch=1))
-    config.batch_size = 8
-    config.total_steps = 20
-    config.checkpoint.every_steps = 10
-    config.log_every_steps = 5
+    recipes.shrink_run_length(config)
     config.viz_every_steps = 10
   return config_lib.finalize(config)
 

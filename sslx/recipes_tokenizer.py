@@ -51,10 +51,7 @@ def tokenizer_imagenet(arg: str | None) -> ml_collections.ConfigDict:
     config.data.update(dict(image_size=32, num_workers=0, prefetch=1))
     config.method.update(dict(vocab_size=64, width=16, num_res_blocks=1, vit_image_size=64))
     config.method.vq.code_dim = 16
-    config.batch_size = 8
-    config.total_steps = 20
-    config.checkpoint.every_steps = 10
-    config.log_every_steps = 5
+    recipes.shrink_run_length(config)
     config.viz_every_steps = 10
   return config_lib.finalize(config)
 

@@ -12,7 +12,6 @@ encoder's own class-token attention over the whole image: one more encoder pass 
 """
 from __future__ import annotations
 
-import collections
 from typing import Optional
 
 import jax
@@ -29,7 +28,7 @@ from sslx.models import attention as attention_lib
 from sslx.models import decoders
 from sslx.models import vit
 from sslx.models.patches import patchify
-from sslx.models.patches import unpatchify
+from sslx.models.patches import reconstruction_rows
 
 
 class MaskedAutoencoder(nn.Module):
@@ -172,14 +171,7 @@ def build(config, run_length: RunLength) -> Method:
       # Predictions live in each patch's standardised space; map them back with the true statistics.
       _, mean, std = losses.normalize_patches(target)
       pred = pred * std + mean
-    masked = out["mask"][..., None]
-    visible = target * (1.0 - masked)
-    image_hw = images.shape[1:3]
-    # An OrderedDict keeps its row order through jit (a plain dict comes back with sorted keys).
-    return collections.OrderedDict(
-        original=images,
-        masked=unpatchify(visible, patch_size, image_hw),
-        reconstruction=unpatchify(visible + pred * masked, patch_size, image_hw))
+    return reconstruction_rows(images, pred, out["mask"], patch_size)
 
   return Method(name="mae", num_views=1, init=init, loss_fn=loss_fn, embed=embed,
                 encoder_variables=encoder_variables, visualize=visualize)

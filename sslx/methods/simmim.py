@@ -26,7 +26,6 @@ min(t / T, 1)`` with ``T`` the run's steps and ``t = method_state['step']``, the
 """
 from __future__ import annotations
 
-import collections
 from typing import Optional
 
 import jax
@@ -39,7 +38,7 @@ from sslx import mask_policy
 from sslx.methods import Method, RunLength, online_encoder
 from sslx.models import vit
 from sslx.models.patches import patchify
-from sslx.models.patches import unpatchify
+from sslx.models.patches import reconstruction_rows
 
 
 class SimMIM(nn.Module):
@@ -123,15 +122,7 @@ def build(config, run_length: RunLength) -> Method:
     images = jnp.asarray(batch["image"], jnp.float32)
     mask = draw_mask(rng, variables, method_state, images)
     pred = model.apply(variables, images, mask, train=False).astype(jnp.float32)
-    target = patchify(images, patch_size)
-    masked = mask[..., None].astype(jnp.float32)
-    visible = target * (1.0 - masked)
-    image_hw = images.shape[1:3]
-    # An OrderedDict keeps its row order through jit (a plain dict comes back with sorted keys).
-    return collections.OrderedDict(
-        original=images,
-        masked=unpatchify(visible, patch_size, image_hw),
-        reconstruction=unpatchify(visible + pred * masked, patch_size, image_hw))
+    return reconstruction_rows(images, pred, mask, patch_size)
 
   return Method(name="simmim", num_views=1, init=init, loss_fn=loss_fn, embed=embed,
                 encoder_variables=encoder_variables, after_update=after_update, visualize=visualize)

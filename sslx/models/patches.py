@@ -7,6 +7,7 @@ so ``patchify(x) @ kernel.reshape(-1, D)`` equals the strided patch-embedding co
 """
 from __future__ import annotations
 
+import collections
 from typing import Optional, Sequence
 
 import jax.numpy as jnp
@@ -62,3 +63,21 @@ def unpatchify(patches, patch_size: int, image_hw: Optional[Sequence[int]] = Non
   x = jnp.reshape(patches, (b, gh, gw, patch_size, patch_size, channels))
   x = jnp.transpose(x, (0, 1, 3, 2, 4, 5))
   return jnp.reshape(x, (b, h, w, channels))
+
+
+def reconstruction_rows(images, pred, mask, patch_size: int) -> collections.OrderedDict:
+  """The picture rows of a masked-reconstruction method: the images, their visible patches (masked ones
+  black) and the visible patches completed by the predicted ones.
+
+  ``images`` ``(B, H, W, C)``; ``pred`` ``(B, L, p * p * C)`` in pixel space; ``mask`` ``(B, L)``, nonzero =
+  masked.
+  """
+  target = patchify(images, patch_size)
+  masked = jnp.asarray(mask, jnp.float32)[..., None]
+  visible = target * (1.0 - masked)
+  image_hw = images.shape[1:3]
+  # An OrderedDict keeps its row order through jit (a plain dict comes back with sorted keys).
+  return collections.OrderedDict(
+      original=images,
+      masked=unpatchify(visible, patch_size, image_hw),
+      reconstruction=unpatchify(visible + pred * masked, patch_size, image_hw))
