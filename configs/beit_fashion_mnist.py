@@ -12,6 +12,7 @@ by default; another strategy with e.g. ``--config.method.mask_strategy=random`` 
 """
 from sslx import config as config_lib
 from sslx import config_args
+from sslx import recipes
 from sslx import recipes_beit
 
 
@@ -19,11 +20,6 @@ def get_config(arg=None):
   args = config_args.parse_arg(arg, test=False, tokenizer=None)
   config = recipes_beit.beit_fashion_mnist(args.tokenizer)
   if args.test:
-    config.batch_size = 32
-    config.total_steps = 6
-    config.checkpoint.every_steps = 3
-    config.log_every_steps = 2
-    config.eval.after_pretrain = False
+    recipes.shrink_test_run(config)
     config.model.depth = 1
-    config.monitor.update(dict(knn_train_examples=200, knn_test_examples=100))
   return config_lib.finalize(config)

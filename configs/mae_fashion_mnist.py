@@ -17,13 +17,8 @@ def get_config(arg=None):
   test = config_args.parse_arg(arg, test=False).test
   config = recipes.mae_fashion_mnist()
   if test:
-    config.batch_size = 32
-    config.total_steps = 6
-    config.checkpoint.every_steps = 3
-    config.log_every_steps = 2
+    recipes.shrink_test_run(config)
     config.viz_every_steps = 3
-    config.eval.after_pretrain = False
     config.model.depth = 1
     config.method.decoder.depth = 1
-    config.monitor.update(dict(knn_train_examples=200, knn_test_examples=100))
   return config_lib.finalize(config)

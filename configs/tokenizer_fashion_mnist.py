@@ -11,6 +11,7 @@ reconstructions. A BEiT run loads it with ``--config=configs/beit_fashion_mnist.
 """
 from sslx import config as config_lib
 from sslx import config_args
+from sslx import recipes
 from sslx import recipes_tokenizer
 
 
@@ -20,10 +21,6 @@ def get_config(arg=None):
   if test:
     config.method.update(dict(vocab_size=64, width=8, num_res_blocks=1))
     config.method.vq.code_dim = 8
-    config.batch_size = 32
-    config.total_steps = 6
-    config.checkpoint.every_steps = 3
-    config.log_every_steps = 2
+    recipes.shrink_test_run(config)
     config.viz_every_steps = 3
-    config.monitor.update(dict(knn_train_examples=200, knn_test_examples=100))
   return config_lib.finalize(config)

@@ -194,6 +194,18 @@ def check_number(value: Any, key: str, ok: Callable[[float], bool], expected: st
     raise ValueError(f"config.{key}={value!r} must be a number {expected}{alternative}")
 
 
+def check_section_keys(section, defaults, section_name: str, owner: str) -> None:
+  """A key of ``config.<section_name>`` that ``defaults`` lacks (e.g. one left from another method's section),
+  or one of ``defaults`` missing from it, is named with what ``owner`` reads."""
+  expected, present = set(defaults), set(section)
+  unknown, missing = sorted(present - expected), sorted(expected - present)
+  if unknown:
+    raise ValueError(f"config.{section_name}.{unknown[0]} is not a {owner} key; {owner} reads {sorted(expected)}")
+  if missing:
+    raise ValueError(f"config.{section_name}.{missing[0]} is missing ({owner}'s default: "
+                     f"{defaults[missing[0]]!r})")
+
+
 def check_bool(value: Any, key: str) -> None:
   if not isinstance(value, bool):
     raise ValueError(f"config.{key}={value!r} must be True or False")

@@ -290,16 +290,23 @@ def _contrastive_fashion_mnist(method: str) -> ml_collections.ConfigDict:
   return config
 
 
-def shrink_fashion_mnist_for_tests(config: ml_collections.ConfigDict) -> None:
-  """``:test`` of the contrastive Fashion-MNIST configs: 6 steps of a ResNet-18 of width 8 at batch 32."""
-  config.model.width = 8
+def shrink_test_run(config: ml_collections.ConfigDict) -> None:
+  """The run of every Fashion-MNIST ``:test`` variant: 6 steps at batch 32, a checkpoint every 3, a log line
+  every 2, no evaluation at the end, small monitor subsets."""
   config.batch_size = 32
   config.total_steps = 6
   config.checkpoint.every_steps = 3
   config.log_every_steps = 2
   config.eval.after_pretrain = False
+  config.monitor.update(dict(knn_train_examples=200, knn_test_examples=100))
+
+
+def shrink_fashion_mnist_for_tests(config: ml_collections.ConfigDict) -> None:
+  """``:test`` of the contrastive Fashion-MNIST configs: `shrink_test_run` with a ResNet-18 of width 8."""
+  shrink_test_run(config)
+  config.model.width = 8
   config.eval.batch_size = 100
-  config.monitor.update(dict(knn_train_examples=200, knn_test_examples=100, probe_batch_size=8))
+  config.monitor.probe_batch_size = 8
 
 
 def simclr_fashion_mnist() -> ml_collections.ConfigDict:

@@ -157,7 +157,7 @@ def target_fn(config):
 
 def validate_config(config) -> None:
   """Raises a ValueError naming the first bad ``config.method`` key (or model or init_from key BEiT needs)."""
-  _check_keys(config.method)
+  config_lib.check_section_keys(config.method, default_config(), "method", "BEiT")
   if config.model.get("name", "vit") != "vit":
     raise ValueError(f"config.method.name='beit' needs a token encoder: config.model.name="
                      f"{config.model.name!r} is not 'vit'")
@@ -170,16 +170,6 @@ def validate_config(config) -> None:
   if layer_decay is not None:
     raise ValueError(f"config.optimizer.layer_decay={layer_decay} is for fine-tuning; BEiT pretrains: set it "
                      "to None")
-
-
-def _check_keys(method_config) -> None:
-  expected, present = set(default_config()), set(method_config)
-  unknown, missing = sorted(present - expected), sorted(expected - present)
-  if unknown:
-    raise ValueError(f"config.method.{unknown[0]} is not a BEiT key; BEiT reads {sorted(expected)}")
-  if missing:
-    raise ValueError(f"config.method.{missing[0]} is missing (BEiT's default: "
-                     f"{default_config()[missing[0]]!r})")
 
 
 def _grid(config) -> int:

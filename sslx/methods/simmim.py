@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from sslx import config as config_lib
 from sslx import losses
 from sslx import mask_policy
 from sslx.methods import Method, RunLength, online_encoder
@@ -63,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate_config(config) -> None:
   """Raises a ValueError naming the first bad ``config.method`` key (or a model key SimMIM needs)."""
-  _check_keys(config.method)
+  config_lib.check_section_keys(config.method, default_config(), "method", "SimMIM")
   if config.model.get("name", "vit") != "vit":
     raise ValueError(f"config.method.name='simmim' needs a token encoder: config.model.name="
                      f"{config.model.name!r} is not 'vit'")
@@ -71,17 +72,6 @@ def validate_config(config) -> None:
     raise ValueError(f"config.model.mask_token={config.model.get('mask_token')!r}: SimMIM replaces masked "
                      "patches by the encoder's mask token; set it to True")
   mask_policy.from_config(config, default_config())
-
-
-def _check_keys(method_config) -> None:
-  """A key left from another method's section (e.g. MAE's ``decoder``) or a missing one is named."""
-  expected, present = set(default_config()), set(method_config)
-  unknown, missing = sorted(present - expected), sorted(expected - present)
-  if unknown:
-    raise ValueError(f"config.method.{unknown[0]} is not a SimMIM key; SimMIM reads {sorted(expected)}")
-  if missing:
-    raise ValueError(f"config.method.{missing[0]} is missing (SimMIM's default: "
-                     f"{default_config()[missing[0]]!r})")
 
 
 def model_from_config(config) -> SimMIM:
