@@ -73,7 +73,7 @@ from sslx import train
 from sslx import xla_options
 from sslx.methods import RunLength, build_method, dino, mocov3
 from sslx.methods import validate_config as validate_method_config
-from sslx.models import vit
+from sslx.models import pos_embed
 
 from step_timing import median_step_seconds, time_sslx_step
 import torch_peers
@@ -284,7 +284,7 @@ def torch_mocov3_step(config, views: list, autocast, compile_fn):
   base = _timm_vit(encoder, size, drop_path_rate=encoder.drop_path_rate, dynamic=False)
   if encoder.pos_embed == "sincos":
     grid = size // encoder.patch_size
-    base.pos_embed.data.copy_(torch.from_numpy(vit.sincos_pos_embed_2d(encoder.width, grid))[None])
+    base.pos_embed.data.copy_(torch.from_numpy(pos_embed.sincos_pos_embed_2d(encoder.width, grid))[None])
     base.pos_embed.requires_grad_(False)
   if mocov3.PATCH_EMBED_PATTERN in config.optimizer.get("frozen", ()):
     base.patch_embed.requires_grad_(False)  # stop-grad-conv1

@@ -16,7 +16,7 @@ from sslx import losses
 from sslx.convert import hf_mae
 from sslx.convert import scan_layout
 from sslx.methods import mae
-from sslx.models import vit
+from sslx.models import pos_embed
 from sslx.models.patches import patchify
 
 _SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -174,7 +174,7 @@ def test_conversion_errors_name_the_key():
 
 
 def test_sincos_and_patchify_match_hf():
-  np.testing.assert_allclose(vit.sincos_pos_embed_2d(64, _GRID, cls_token=True), _hf_sincos(64).numpy(),
+  np.testing.assert_allclose(pos_embed.sincos_pos_embed_2d(64, _GRID, cls_token=True), _hf_sincos(64).numpy(),
                              atol=1e-6)
   hf_model = _hf_model()
   pixels = np.random.RandomState(0).randn(2, 3, 32, 32).astype(np.float32)

@@ -62,21 +62,21 @@ def _reference_sincos(dim, rows, cols):
 @pytest.mark.parametrize("dim,grid", [(16, 4), (32, (2, 3)), (8, 1)])
 def test_sincos_matches_formula(dim, grid):
   rows, cols = (grid, grid) if isinstance(grid, int) else grid
-  table = vit.sincos_pos_embed_2d(dim, grid)
+  table = pos_embed.sincos_pos_embed_2d(dim, grid)
   assert table.dtype == np.float32
   np.testing.assert_allclose(table, _reference_sincos(dim, rows, cols), atol=1e-6)
 
 
 def test_sincos_cls_row_is_zero():
-  table = vit.sincos_pos_embed_2d(16, 3, cls_token=True)
+  table = pos_embed.sincos_pos_embed_2d(16, 3, cls_token=True)
   assert table.shape == (10, 16)
   np.testing.assert_array_equal(table[0], 0)
-  np.testing.assert_allclose(table[1:], vit.sincos_pos_embed_2d(16, 3))
+  np.testing.assert_allclose(table[1:], pos_embed.sincos_pos_embed_2d(16, 3))
 
 
 def test_sincos_rejects_width_not_multiple_of_4():
   with pytest.raises(ValueError, match="divisible by 4"):
-    vit.sincos_pos_embed_2d(30, 4)
+    pos_embed.sincos_pos_embed_2d(30, 4)
 
 
 # --- variants and dtypes ---------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_masked_positions_hold_the_mask_token_plus_position_embedding():
   mask = jnp.asarray(np.random.RandomState(0).rand(4, 16) < 0.5)
   tokens = _token_sequence(model, params, images, mask)
   plain = _token_sequence(model, params, images, None)
-  pos = vit.sincos_pos_embed_2d(32, 4)
+  pos = pos_embed.sincos_pos_embed_2d(32, 4)
   expected_masked = np.broadcast_to(np.asarray(params["mask_token"])[0] + pos, (4, 16, 32))
   m = np.asarray(mask)
   np.testing.assert_allclose(np.asarray(tokens)[:, 1:][m], expected_masked[m], atol=1e-6)

@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sslx.models import vit
+from sslx.models import pos_embed as pos_embed_lib
+
 
 # Hugging Face ViTMAEConfig defaults, used for keys a config.json leaves out (as transformers does).
 _HF_DEFAULTS = dict(
@@ -163,7 +164,7 @@ def convert_hf_vitmae(state_dict: Mapping[str, Any], hf_config, *, pos_embed: st
   if pos_embed == "learned":
     encoder["pos_embed"] = pos[1:]
   else:
-    _check_sincos(pos[1:], vit.sincos_pos_embed_2d(width, grid), "vit.embeddings.position_embeddings",
+    _check_sincos(pos[1:], pos_embed_lib.sincos_pos_embed_2d(width, grid), "vit.embeddings.position_embeddings",
                   "Convert with pos_embed='learned' and set config.model.pos_embed='learned'.")
   for i in range(c["depth"]):
     encoder[f"block_{i}"] = _block(w, f"vit.layers.{i}", width, c["mlp_dim"])
@@ -172,7 +173,7 @@ def convert_hf_vitmae(state_dict: Mapping[str, Any], hf_config, *, pos_embed: st
   decoder = dict(decoder_embed=_linear(w, "decoder.decoder_embed", width, dec_width),
                  mask_token=w.take("decoder.mask_token", (1, 1, dec_width)))
   _check_sincos(w.take("decoder.decoder_pos_embed", (1, num_patches + 1, dec_width))[0],
-                vit.sincos_pos_embed_2d(dec_width, grid, cls_token=True), "decoder.decoder_pos_embed",
+                pos_embed_lib.sincos_pos_embed_2d(dec_width, grid, cls_token=True), "decoder.decoder_pos_embed",
                 "The sslx MAE decoder only supports the fixed table.")
   for i in range(c["decoder_depth"]):
     decoder[f"block_{i}"] = _block(w, f"decoder.decoder_layers.{i}", dec_width, c["decoder_mlp_dim"])

@@ -6,6 +6,7 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 from flax import linen as nn
 
+from sslx.models import pos_embed
 from sslx.models import vit
 
 Dtype = Any
@@ -64,7 +65,7 @@ class MAEDecoder(nn.Module):
     patches = jnp.concatenate([x[:, 1:], mask_tokens], axis=1)
     patches = jnp.take_along_axis(patches, ids_restore[..., None], axis=1)
     x = jnp.concatenate([x[:, :1], patches], axis=1)
-    pos = vit.sincos_pos_embed_2d(self.width, tuple(grid_hw), cls_token=True)
+    pos = pos_embed.sincos_pos_embed_2d(self.width, tuple(grid_hw), cls_token=True)
     x = x + jnp.asarray(pos, self.dtype)
 
     x = vit.run_blocks(x, None, depth=self.depth, scan=self.scan_blocks, remat=self.remat,

@@ -30,7 +30,7 @@ resizing the table for its own grid.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -95,3 +95,35 @@ def resize_pos_table(table: jax.Array, grid: Sequence[int], source_grid: Optiona
   # HIGHEST: a GPU would otherwise multiply these float32 matrices in TF32 (10-bit mantissas).
   resized = jnp.einsum("ia,jb,abd->ijd", m_r, m_c, image, precision=jax.lax.Precision.HIGHEST)
   return resized.reshape(rows * cols, -1).astype(table.dtype)
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_size: Union[int, Sequence[int]],
+                        cls_token: bool = False) -> np.ndarray:
+  """Fixed 2-D sine-cosine position table, laid out as in the reference MAE code.
+
+  For the patch in row ``r`` and column ``c`` (row-major order) the vector is
+  ``[sin(c w), cos(c w), sin(r w), cos(r w)]`` with ``w_k = 1 / 10000^(k / (D/4))``, ``k < D/4``: the
+  reference builds its grid with ``meshgrid(w, h)``, so the column encoding comes first.
+
+  Args:
+    embed_dim: ``D``, a multiple of 4.
+    grid_size: patch grid side, or ``(rows, cols)``.
+    cls_token: prepend a row of zeros for the class token.
+
+  Returns:
+    float32 array ``(rows * cols [+ 1], D)``.
+  """
+  if embed_dim % 4:
+    raise ValueError(f"Sine-cosine position embeddings need a width divisible by 4, got {embed_dim}.")
+  rows, cols = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+  quarter = embed_dim // 4
+  omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
+  row, col = np.meshgrid(np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64),
+                         indexing="ij")
+  col_angles = np.outer(col.reshape(-1), omega)
+  row_angles = np.outer(row.reshape(-1), omega)
+  table = np.concatenate([np.sin(col_angles), np.cos(col_angles), np.sin(row_angles),
+                          np.cos(row_angles)], axis=1)
+  if cls_token:
+    table = np.concatenate([np.zeros((1, embed_dim)), table], axis=0)
+  return table.astype(np.float32)

@@ -13,7 +13,7 @@ rounding: XLA may order a few additions differently inside a loop).
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -73,38 +73,6 @@ def resolve_dtype(name: str) -> Dtype:
   if name not in _DTYPES:
     raise ValueError(f"Unknown dtype {name!r}; choose one of {[*_DTYPES, 'auto']}.")
   return _DTYPES[name]
-
-
-def sincos_pos_embed_2d(embed_dim: int, grid_size: Union[int, Sequence[int]],
-                        cls_token: bool = False) -> np.ndarray:
-  """Fixed 2-D sine-cosine position table, laid out as in the reference MAE code.
-
-  For the patch in row ``r`` and column ``c`` (row-major order) the vector is
-  ``[sin(c w), cos(c w), sin(r w), cos(r w)]`` with ``w_k = 1 / 10000^(k / (D/4))``, ``k < D/4``: the
-  reference builds its grid with ``meshgrid(w, h)``, so the column encoding comes first.
-
-  Args:
-    embed_dim: ``D``, a multiple of 4.
-    grid_size: patch grid side, or ``(rows, cols)``.
-    cls_token: prepend a row of zeros for the class token.
-
-  Returns:
-    float32 array ``(rows * cols [+ 1], D)``.
-  """
-  if embed_dim % 4:
-    raise ValueError(f"Sine-cosine position embeddings need a width divisible by 4, got {embed_dim}.")
-  rows, cols = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
-  quarter = embed_dim // 4
-  omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
-  row, col = np.meshgrid(np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64),
-                         indexing="ij")
-  col_angles = np.outer(col.reshape(-1), omega)
-  row_angles = np.outer(row.reshape(-1), omega)
-  table = np.concatenate([np.sin(col_angles), np.cos(col_angles), np.sin(row_angles),
-                          np.cos(row_angles)], axis=1)
-  if cls_token:
-    table = np.concatenate([np.zeros((1, embed_dim)), table], axis=0)
-  return table.astype(np.float32)
 
 
 def partitioned(init, names):
@@ -346,7 +314,7 @@ class VisionTransformer(nn.Module):
       raise ValueError("A mask was passed to a ViT without a mask token; set config.model.mask_token=True.")
 
     if self.pos_embed == "sincos":
-      pos = jnp.asarray(sincos_pos_embed_2d(self.width, grid))
+      pos = jnp.asarray(pos_embed_lib.sincos_pos_embed_2d(self.width, grid))
     elif self.pos_embed == "learned":
       # The table keeps the shape of the grid it was created for (at init); other grids get it resized.
       shape = (x.shape[1], self.width)
