@@ -108,6 +108,17 @@ class MaskPolicy:
     return self.grid[0] * self.grid[1]
 
 
+def check_mask_token_encoder(config, method: str) -> None:
+  """A method that replaces masked patches by the encoder's mask token (SimMIM, BEiT) needs a ViT built with
+  one; the error names the model key and ``method``."""
+  if config.model.get("name", "vit") != "vit":
+    raise ValueError(f"config.method.name='{config.method.name}' needs a token encoder: config.model.name="
+                     f"{config.model.name!r} is not 'vit'")
+  if config.model.get("mask_token") is not True:
+    raise ValueError(f"config.model.mask_token={config.model.get('mask_token')!r}: {method} replaces masked "
+                     "patches by the encoder's mask token; set it to True")
+
+
 def from_config(config, defaults, *, drops_tokens: bool = False,
                 static_count: Optional[str] = None) -> MaskPolicy:
   """Checks the masking keys of ``config.method`` and returns the policy on the run's patch grid.

@@ -158,12 +158,7 @@ def target_fn(config):
 def validate_config(config) -> None:
   """Raises a ValueError naming the first bad ``config.method`` key (or model or init_from key BEiT needs)."""
   config_lib.check_section_keys(config.method, default_config(), "method", "BEiT")
-  if config.model.get("name", "vit") != "vit":
-    raise ValueError(f"config.method.name='beit' needs a token encoder: config.model.name="
-                     f"{config.model.name!r} is not 'vit'")
-  if config.model.get("mask_token") is not True:
-    raise ValueError(f"config.model.mask_token={config.model.get('mask_token')!r}: BEiT replaces masked "
-                     "patches by the encoder's mask token; set it to True")
+  mask_policy.check_mask_token_encoder(config, "BEiT")
   mask_policy_of(config)
   _check_targets(config)
   layer_decay = config.get("optimizer", {}).get("layer_decay")

@@ -65,12 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
 def validate_config(config) -> None:
   """Raises a ValueError naming the first bad ``config.method`` key (or a model key SimMIM needs)."""
   config_lib.check_section_keys(config.method, default_config(), "method", "SimMIM")
-  if config.model.get("name", "vit") != "vit":
-    raise ValueError(f"config.method.name='simmim' needs a token encoder: config.model.name="
-                     f"{config.model.name!r} is not 'vit'")
-  if config.model.get("mask_token") is not True:
-    raise ValueError(f"config.model.mask_token={config.model.get('mask_token')!r}: SimMIM replaces masked "
-                     "patches by the encoder's mask token; set it to True")
+  mask_policy.check_mask_token_encoder(config, "SimMIM")
   mask_policy.from_config(config, default_config())
 
 
