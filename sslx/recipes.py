@@ -64,6 +64,18 @@ def mae_imagenet(variant: str, arg: str | None) -> ml_collections.ConfigDict:
   return config_lib.finalize(config)
 
 
+def fashion_mnist_run(config: ml_collections.ConfigDict) -> None:
+  """The CPU run of the quick start and of the tokenizer beside it: 2 epochs at batch 256, AdamW's lr 1e-3 after
+  a 0.2-epoch warm-up, a checkpoint and pictures every 200 steps, a log line every 20."""
+  config.batch_size = 256
+  config.num_epochs = 2
+  config.optimizer.base_lr = 1e-3
+  config.schedule.warmup_epochs = 0.2
+  config.checkpoint.every_steps = 200
+  config.log_every_steps = 20
+  config.viz_every_steps = 200
+
+
 def mae_fashion_mnist() -> ml_collections.ConfigDict:
   """The quick start: MAE with a ViT-Ti/4 of 4 blocks on 28x28 Fashion-MNIST, 2 epochs on a CPU.
 
@@ -75,13 +87,7 @@ def mae_fashion_mnist() -> ml_collections.ConfigDict:
   config.model.depth = 4
   config.method.decoder.update(dict(width=128, depth=2, num_heads=4, mlp_dim=512))
   config.data.augment.crop_scale = (0.35, 1.0)
-  config.batch_size = 256
-  config.num_epochs = 2
-  config.optimizer.base_lr = 1e-3
-  config.schedule.warmup_epochs = 0.2
-  config.checkpoint.every_steps = 200
-  config.log_every_steps = 20
-  config.viz_every_steps = 200
+  fashion_mnist_run(config)
   config.eval.after_pretrain = True
   config.eval.max_train_examples = 10_000  # keeps the report to ~2 minutes on 2 cores; full test split
   config.monitor.update(dict(knn_train_examples=2000, knn_test_examples=1000))  # ~5 s per report

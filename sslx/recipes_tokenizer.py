@@ -71,12 +71,6 @@ def tokenizer_fashion_mnist() -> ml_collections.ConfigDict:
   config.model, config.data = quick_start.model, quick_start.data
   config.method.update(dict(vocab_size=512, downsample=4, width=64, num_res_blocks=2))
   config.method.vq.code_dim = 32
-  config.batch_size = 256
-  config.num_epochs = 2
-  config.optimizer.base_lr = 1e-3
-  config.schedule.warmup_epochs = 0.2
-  config.checkpoint.every_steps = 200
-  config.log_every_steps = 20
-  config.viz_every_steps = 200
+  recipes.fashion_mnist_run(config)
   config.monitor.update(dict(knn_train_examples=2000, knn_test_examples=1000))
   return config
