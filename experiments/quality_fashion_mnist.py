@@ -33,6 +33,8 @@ _PROBE_L2 = flags.DEFINE_float("probe_l2", None, "A fixed L2 weight for the prob
 _BASELINES = flags.DEFINE_bool("baselines", True, "Also score raw pixels and a random encoder.")
 _EMBED_FROM = flags.DEFINE_string("embed_from", None, "The runs' network to score (e.g. student, target); "
                                   "None: each run's own.")
+_POOLING = flags.DEFINE_string("pooling", None, "Score only this pooling (e.g. cls); None: every pooling the "
+                                "encoder offers.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "Append one JSON line per row to this file.")
 
 
@@ -45,7 +47,13 @@ def _eval_config():
 def _poolings(run_config) -> tuple[str, ...]:
   """The feature poolings the run's encoder offers: class token and mean patch token for a ViT, the global
   mean for a ResNet."""
-  return models.encoder_module(run_config.model.name).POOLINGS
+  offered = models.encoder_module(run_config.model.name).POOLINGS
+  if _POOLING.value is None:
+    return offered
+  if _POOLING.value not in offered:
+    raise app.UsageError(f"--pooling={_POOLING.value!r} is not one of {offered}, the poolings of "
+                         f"{run_config.model.name!r}.")
+  return (_POOLING.value,)
 
 
 def main(argv) -> None:
