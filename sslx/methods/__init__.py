@@ -110,6 +110,8 @@ _REGISTRY = {
     "simmim": "sslx.methods.simmim",
     "tokenizer": "sslx.methods.tokenizer",
     "beit": "sslx.methods.beit",
+    "relpos": "sslx.methods.relpos",
+    "inpainting": "sslx.methods.inpainting",
     # Supervised training of an encoder (fine-tuning a pretrained one, or from scratch) is the same kind of
     # bundle, trained by the same loop.
     "finetune": "sslx.methods.finetune",
