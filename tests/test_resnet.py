@@ -88,7 +88,9 @@ def test_output_contract_and_dtypes(variant):
   abstract = _abstract_variables(model)
   features, aux = jax.eval_shape(functools.partial(model.apply, train=False), abstract, jnp.zeros((2, 32, 32, 3)))
   assert features.shape == (2, resnet.feature_dim(_config(variant))) and features.dtype == jnp.float32
-  assert aux.keys() == {"pooled"} and aux["pooled"].shape == features.shape
+  assert aux.keys() == {"pooled", "feature_map"} and aux["pooled"].shape == features.shape
+  # The last feature map that `pooled` averages: 32 px / 32 (stem 4, three stride-2 stages) = 1 x 1.
+  assert aux["feature_map"].shape == (2, 1, 1, features.shape[1]) and aux["feature_map"].dtype == jnp.float32
   assert {leaf.dtype for leaf in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
   names = {tuple(box.names) for box in jax.tree.leaves(abstract["params"],
                                                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))}

@@ -6,7 +6,9 @@ Training is one index-addressable ``grain.MapDataset``::
          -> batch(global batch / process_count) -> [process_index::process_count] -> map(normalize)
 
 ``views.py`` says what a batch holds (one 'image', or the views a method asks for) and how the
-augmentations come from the config. With ``config.data.augment_on='device'`` ``random_map`` runs
+augmentations come from the config. A video source (``video.py``) gives clips instead: ``random_map``
+crops each clip's frames alike and batches hold ``'frames'`` (B, T, S, S, C) (and ``'labels'`` where the
+source has per-pixel labels); evaluation batches hold each clip's first frame as ``'image'``. With ``config.data.augment_on='device'`` ``random_map`` runs
 only each view's leading crops and flips and ``map`` normalizes nothing: batches hold uint8 views,
 which ``device_augment.build_device_augmentation`` finishes inside the jitted step.
 
@@ -47,6 +49,7 @@ from sslx import config as config_lib
 from sslx.data import device_augment
 from sslx.data import sources
 from sslx.data import transforms
+from sslx.data import video
 from sslx.data import views
 
 DEFAULT_EVAL_CROP_FRACTION = 0.875
@@ -80,19 +83,21 @@ def _iterate(batches: grain.MapDataset, num_workers: int, prefetch: int) -> grai
 
 
 class TrainLoader:
-  """Endless iterator of training batches (keys in ``views.py``: 'image' or 'view_i', 'label').
+  """Endless iterator of training batches (keys in ``views.py``: 'image' or 'view_i', 'label'; or a video
+  source's 'frames', see ``video.py``).
 
   Attributes:
     num_examples: size of the training split (all processes together).
     image_shape: ``(S, S, C)``, the model's input: ``config.data.image_size`` and channels.
-    view_shapes: ``{batch key: (S_i, S_i, C)}`` of the batch's image arrays (one row).
+    view_shapes: ``{batch key: (S_i, S_i, C)}`` of the batch's image arrays (one row); for clips
+      ``{'frames': (T, S, S, C)}``.
     local_batch_size: rows of each batch on this process.
     bad_files: ``{path: error}`` of every undecodable file this loader has read so far. With
       several processes each one lists (and logs) those among its own rows.
   """
 
   def __init__(self, batches: grain.MapDataset, *, num_examples: int,
-               image_shape: tuple[int, int, int], view_shapes: dict[str, tuple[int, int, int]],
+               image_shape: tuple[int, int, int], view_shapes: dict[str, tuple[int, ...]],
                local_batch_size: int, process_index: int, process_count: int, num_workers: int,
                prefetch: int, identity: dict[str, Any]):
     self._batches = batches
@@ -237,18 +242,22 @@ def make_train_loader(data_config, *, global_batch_size: int, seed: int, process
   size = data_config.image_size
   local_batch_size = global_batch_size // process_count
   dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
-  dataset = dataset.random_map(views.TrainViews(tuple(augmentations.items()),
-                                                split_rng=data_config.get("views") is not None))
+  if video.is_video(data_config):
+    dataset = dataset.random_map(video.clip_view(data_config))
+    keys_to_normalize, shapes = ("frames",), {"frames": video.clip_shape(data_config)}
+  else:
+    dataset = dataset.random_map(views.TrainViews(tuple(augmentations.items()),
+                                                  split_rng=data_config.get("views") is not None))
+    on_device = data_config.get("augment_on", "host") == "device"
+    keys_to_normalize = () if on_device else views.keys_to_normalize(augmentations)
+    shapes = views.view_shapes(augmentations, data_config.channels)
   # Slicing whole local batches (not examples) keeps each process's rows a contiguous block of the global batch.
   dataset = dataset.batch(local_batch_size, drop_remainder=True)[process_index::process_count]
-  on_device = data_config.get("augment_on", "host") == "device"
-  keys_to_normalize = () if on_device else views.keys_to_normalize(augmentations)
   dataset = dataset.map(views.ToModelInput(tuple(data_config.mean), tuple(data_config.std),
                                            keys_to_normalize))
   identity = dict(seed=seed, global_batch_size=global_batch_size, num_examples=len(source))
   return TrainLoader(dataset, num_examples=len(source),
-                     image_shape=(size, size, data_config.channels),
-                     view_shapes=views.view_shapes(augmentations, data_config.channels),
+                     image_shape=(size, size, data_config.channels), view_shapes=shapes,
                      local_batch_size=local_batch_size, process_index=process_index,
                      process_count=process_count, num_workers=data_config.num_workers,
                      prefetch=data_config.prefetch, identity=identity)
@@ -271,6 +280,8 @@ def make_eval_loader(data_config, *, split: str, batch_size: int, process_index:
   if batch_size <= 0:
     raise ValueError(f"batch_size={batch_size} must be positive")
   source = sources.make_source(data_config, split)
+  if video.is_video(data_config):
+    source = video.FirstFrames(source)
   size = data_config.image_size
   image_shape = (size, size, data_config.channels)
   shard = grain.MapDataset.source(source)[process_index::process_count]
@@ -392,7 +403,9 @@ def _check_values(c) -> None:
   if c.source == "idx":
     _require(c.dataset in sources.IDX_DATASETS, "dataset", c.dataset,
              f"one of {sources.IDX_DATASETS} when config.data.source='idx'")
-  if c.source == "synthetic":
+  if video.is_video(c):
+    video.check_video_keys(c)
+  if c.source in ("synthetic", "synthetic_video"):
     num_examples = c.get("synthetic_num_examples", 1)
     _require(config_lib.is_int(num_examples) and 1 <= num_examples < config_lib.INT32_LIMIT,
              "synthetic_num_examples", num_examples, "an int >= 1")

@@ -10,7 +10,8 @@ raising: one bad file among millions must not end a run. ``is_bad`` recognises i
 ``SkipBadExamples`` replaces it by a good neighbour and ``pop_bad_files`` collects the skipped paths
 from the batches, so the report works across grain's worker processes (no shared state).
 
-``make_source(data_config, split)`` picks one from ``config.data``.
+``make_source(data_config, split)`` picks one from ``config.data``; the video sources (clips of frames, not
+images) are in ``video.py``.
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from sslx.data import folder
+from sslx.data import video
 
 DEFAULT_IDX_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 # Searched in order when config.data.data_dir is None; sslx.data.fetch downloads into the second.
 FASHION_MNIST_DIRS = (DEFAULT_IDX_DIR, os.path.expanduser("~/.cache/sslx/fashion-mnist"))
-KNOWN_SOURCES = ("idx", "tfds", "synthetic", "folder")
+KNOWN_SOURCES = ("idx", "tfds", "synthetic", "folder", *video.VIDEO_SOURCES)
 IDX_DATASETS = ("fashion_mnist", "mnist")
 
 _IDX_FILE_PREFIX = {"train": "train", "test": "t10k"}
@@ -52,8 +54,9 @@ def match_channels(image: np.ndarray, channels: Optional[int]) -> np.ndarray:
 
 
 def is_bad(example: dict[str, Any]) -> bool:
-  """True for the example a source returns in place of a file it could not decode."""
-  return example["image"] is None
+  """True for the example a source returns in place of a file it could not decode: its 'image' is None (a
+  good video clip has 'frames' and no 'image')."""
+  return "image" in example and example["image"] is None
 
 
 class SkipBadExamples:
@@ -345,4 +348,6 @@ def make_source(data_config, split: str):
     return SyntheticSource(num_examples, (size, size, channels), seed=zlib.crc32(split.encode()))
   if source == "folder":
     return folder.open_split(data_config.data_dir, split, channels=channels)
+  if source in video.VIDEO_SOURCES:
+    return video.open_split(data_config, split)
   raise ValueError(f"config.data.source={source!r} is unknown; choose one of {KNOWN_SOURCES}")

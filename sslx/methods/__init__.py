@@ -112,6 +112,7 @@ _REGISTRY = {
     "beit": "sslx.methods.beit",
     "relpos": "sslx.methods.relpos",
     "inpainting": "sslx.methods.inpainting",
+    "video_colorization": "sslx.methods.video_colorization",
     # Supervised training of an encoder (fine-tuning a pretrained one, or from scratch) is the same kind of
     # bundle, trained by the same loop.
     "finetune": "sslx.methods.finetune",

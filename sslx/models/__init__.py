@@ -6,6 +6,7 @@ Every encoder module provides ``default_config()``, ``validate_config(model_conf
     features, aux = encoder(images, train=...)       # images (B, H, W, C)
     aux['pooled']                                     # (B, D): always; equals features
     aux['patch_tokens'], aux['cls_token']             # token models only (ViT)
+    aux['feature_map']                                # ConvNets: the last (B, h, w, C) map, float32
 
 ``config.model.pooling`` decides what ``pooled`` is, with one vocabulary: ``'cls'`` (the class token) or
 ``'mean'`` (the mean of the patch tokens, or the global average of a ConvNet's last feature map). Non-param

@@ -182,7 +182,9 @@ class ResNet(nn.Module):
   """ResNet encoder returning ``(features, aux)`` (the contract of every sslx encoder, `sslx.models`).
 
   ``features`` is the ``(B, D)`` global average of the last feature map (D = 512 for basic blocks, 2048
-  for bottlenecks), in float32 whatever the compute dtype; ``aux = {'pooled': features}``.
+  for bottlenecks), in float32 whatever the compute dtype; ``aux = {'pooled': features, 'feature_map': ...}``,
+  the last feature map ``(B, h, w, D)`` (float32) that ``features`` averages, for dense per-position uses
+  (video colourisation's embeddings).
 
   Attributes:
     stage_sizes: blocks in each of the four stages.
@@ -222,8 +224,9 @@ class ResNet(nn.Module):
         x = block(width, stride, self.zero_init_last_bn, self.bn_groups, self.dtype, self.param_dtype,
                   name=f"stage{i}_block{j}")(x, train=train)
 
-    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    return features, {"pooled": features}
+    feature_map = x.astype(jnp.float32)
+    features = jnp.mean(feature_map, axis=(1, 2))
+    return features, {"pooled": features, "feature_map": feature_map}
 
 
 POOLINGS = ("mean",)
