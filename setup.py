@@ -33,6 +33,7 @@ setup(
             "torch==2.13.0",
             "transformers>=4.45",
             "scikit-learn>=1.5",
+            "scikit-image>=0.24",
             "tensorboard>=2.15",
             "ruff>=0.6",
         ],

@@ -113,6 +113,8 @@ _REGISTRY = {
     "relpos": "sslx.methods.relpos",
     "inpainting": "sslx.methods.inpainting",
     "video_colorization": "sslx.methods.video_colorization",
+    "colorization": "sslx.methods.colorization",
+    "splitbrain": "sslx.methods.splitbrain",
     # Supervised training of an encoder (fine-tuning a pretrained one, or from scratch) is the same kind of
     # bundle, trained by the same loop.
     "finetune": "sslx.methods.finetune",

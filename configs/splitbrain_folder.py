@@ -1,0 +1,17 @@
+r"""Split-brain autoencoder (Zhang et al. 2017) on a folder of colour images (any photographs; no labels
+needed).
+
+  python -m sslx.main --config=configs/splitbrain_folder.py --config.data.data_dir=/my/photos \
+      --workdir=runs/splitbrain
+  python -m sslx.main --config=configs/splitbrain_folder.py:encoder=resnet \
+      --config.data.data_dir=/my/photos --workdir=runs/splitbrain_resnet
+
+Reads `data_dir/train` if it exists, else `data_dir` (`sslx.data.folder`). The recipe:
+`sslx.recipes_color.splitbrain_folder`; `:test` shrinks it to 6 steps of a tiny encoder on 32 px crops, for
+the tests.
+"""
+from sslx import recipes_color
+
+
+def get_config(arg=None):
+  return recipes_color.splitbrain_folder(arg)
