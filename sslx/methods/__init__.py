@@ -110,9 +110,11 @@ _REGISTRY = {
     "simmim": "sslx.methods.simmim",
     "tokenizer": "sslx.methods.tokenizer",
     "beit": "sslx.methods.beit",
+    "rotation": "sslx.methods.rotation",
+    "jigsaw": "sslx.methods.jigsaw",
+    "video_colorization": "sslx.methods.video_colorization",
     "relpos": "sslx.methods.relpos",
     "inpainting": "sslx.methods.inpainting",
-    "video_colorization": "sslx.methods.video_colorization",
     "colorization": "sslx.methods.colorization",
     "splitbrain": "sslx.methods.splitbrain",
     # Supervised training of an encoder (fine-tuning a pretrained one, or from scratch) is the same kind of
