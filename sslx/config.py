@@ -44,6 +44,9 @@ def _data_defaults() -> ml_collections.ConfigDict:
       # Where the ops after the last crop/flip of each view run: 'host' (grain workers, numpy) or
       # 'device' (batched JAX inside the jitted step). Measured choice: docs/benchmarks.md.
       augment_on="host",
+      # BEiT's precomputed visual-token ids: a .npy (N, h, w) of the training split, in the source's order; the
+      # batches then hold them as 'token_ids' (sslx/token_ids.py). None: no ids.
+      token_ids_file=placeholder(str),
   ))
 
 

@@ -10,7 +10,9 @@ augmentations come from the config. A video source (``video.py``) gives clips in
 crops each clip's frames alike and batches hold ``'frames'`` (B, T, S, S, C) (and ``'labels'`` where the
 source has per-pixel labels); evaluation batches hold each clip's first frame as ``'image'``. With ``config.data.augment_on='device'`` ``random_map`` runs
 only each view's leading crops and flips and ``map`` normalizes nothing: batches hold uint8 views,
-which ``device_augment.build_device_augmentation`` finishes inside the jitted step.
+which ``device_augment.build_device_augmentation`` finishes inside the jitted step. With
+``config.data.token_ids_file`` each example also brings its row of that file, and batches hold the ids of
+their views as ``'token_ids'`` (``sslx/token_ids.py``: BEiT's precomputed targets).
 
 ``shuffle`` draws a fresh permutation per epoch and ``random_map`` seeds each example's generator
 with (seed, position in the endless stream), position = epoch * num_examples + index in the epoch.
@@ -46,6 +48,7 @@ import ml_collections
 import numpy as np
 
 from sslx import config as config_lib
+from sslx import token_ids
 from sslx.data import device_augment
 from sslx.data import sources
 from sslx.data import transforms
@@ -238,7 +241,12 @@ def make_train_loader(data_config, *, global_batch_size: int, seed: int, process
   if not config_lib.is_int(seed) or seed < 0:
     raise ValueError(f"seed must be a non-negative int; got {seed!r}")
   augmentations = _build_train_views(data_config)
-  source = sources.SkipBadExamples(sources.make_source(data_config, data_config.split))
+  source = sources.make_source(data_config, data_config.split)
+  with_token_ids = data_config.get("token_ids_file") is not None
+  if with_token_ids:
+    # Inside SkipBadExamples, so that an undecodable example's substitute brings its own ids.
+    source = token_ids.WithTokenIds(source, data_config.token_ids_file, data_config.split)
+  source = sources.SkipBadExamples(source)
   size = data_config.image_size
   local_batch_size = global_batch_size // process_count
   dataset = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
@@ -246,8 +254,11 @@ def make_train_loader(data_config, *, global_batch_size: int, seed: int, process
     dataset = dataset.random_map(video.clip_view(data_config))
     keys_to_normalize, shapes = ("frames",), {"frames": video.clip_shape(data_config)}
   else:
-    dataset = dataset.random_map(views.TrainViews(tuple(augmentations.items()),
-                                                  split_rng=data_config.get("views") is not None))
+    if with_token_ids:
+      dataset = dataset.random_map(token_ids.ViewWithTokenIds.of(augmentations["image"]))
+    else:
+      dataset = dataset.random_map(views.TrainViews(tuple(augmentations.items()),
+                                                    split_rng=data_config.get("views") is not None))
     on_device = data_config.get("augment_on", "host") == "device"
     keys_to_normalize = () if on_device else views.keys_to_normalize(augmentations)
     shapes = views.view_shapes(augmentations, data_config.channels)
@@ -330,21 +341,25 @@ def validate_data_values(data_config) -> None:
 
 
 def check_splits_exist(data_config) -> None:
-  """Opens the source of ``split`` and of ``eval_split`` (unless None) once, so that missing data fails now.
+  """Opens the source of ``split`` and of ``eval_split`` (unless None) once, so that missing data fails now;
+  ``config.data.token_ids_file`` must then hold a row per example of ``split``.
 
   Raises:
-    ValueError: naming ``config.data.split`` / ``eval_split`` when the source refuses the split.
+    ValueError: naming ``config.data.split`` / ``eval_split`` when the source refuses the split, or
+      ``token_ids_file`` when it is no such file.
     FileNotFoundError: the data is not where the config says.
   """
   for key in ("split", "eval_split"):
     if data_config[key] is None:
       continue
     try:
-      sources.make_source(data_config, data_config[key])
+      source = sources.make_source(data_config, data_config[key])
     except ValueError as error:
       if "config." in str(error):
         raise
       raise ValueError(f"config.data.{key}={data_config[key]!r}: {error}") from None
+    if key == "split" and data_config.get("token_ids_file") is not None:
+      token_ids.check_count(data_config.token_ids_file, len(source), data_config.split)
 
 
 def _build_train_views(data_config) -> dict[str, transforms.Augmentation]:
@@ -405,6 +420,7 @@ def _check_values(c) -> None:
              f"one of {sources.IDX_DATASETS} when config.data.source='idx'")
   if video.is_video(c):
     video.check_video_keys(c)
+  token_ids.check_data_config(c)
   if c.source in ("synthetic", "synthetic_video"):
     num_examples = c.get("synthetic_num_examples", 1)
     _require(config_lib.is_int(num_examples) and 1 <= num_examples < config_lib.INT32_LIMIT,

@@ -30,7 +30,9 @@ Where the tokens come from (`config.method`):
   than a second view from the pipeline, keeps the crop and the flip identical by construction and sends one
   image per example to the device; the reference resamples the same crop box of the original image twice.
 - ``token_ids_key``: ids some other tokenizer computed beforehand, read from ``batch[token_ids_key]``
-  (``(B, h, w)`` or ``(B, L)`` ints in ``[0, vocab_size)``); ``method_state`` is then empty.
+  (``(B, h, w)`` or ``(B, L)`` ints in ``[0, vocab_size)``); ``method_state`` is then empty. The data pipeline
+  provides them as ``'token_ids'`` from the file ``config.data.token_ids_file`` (`sslx.token_ids`, which also
+  writes one from a tokenizer run); its grid and ids are checked against the patch grid and ``vocab_size``.
 
 `Method.embed` is the encoder's pooled output without a mask.
 """
@@ -48,6 +50,7 @@ from ml_collections.config_dict import placeholder
 from sslx import config as config_lib
 from sslx import init_from
 from sslx import mask_policy
+from sslx import token_ids as token_ids_lib
 from sslx.methods import Method, RunLength, online_encoder
 from sslx.methods import tokenizer as tokenizer_method
 from sslx.models import tokenizer as tokenizer_lib
@@ -127,6 +130,10 @@ def target_fn(config):
 
     def batch_ids(method_state, batch):
       del method_state
+      if key not in batch:
+        raise ValueError(f"config.method.token_ids_key={key!r}, but the batch has only {sorted(batch)}: set "
+                         f"{token_ids_lib.CONFIG_KEY} to a file of ids (sslx/token_ids.py), which the data "
+                         f"pipeline delivers as {token_ids_lib.BATCH_KEY!r}")
       ids = jnp.asarray(batch[key])
       if ids.size != ids.shape[0] * grid * grid:
         # A gather at a position past the end would clamp silently.
@@ -200,9 +207,36 @@ def _check_targets(config) -> None:
       raise ValueError(f"config.method.token_ids_key={mc.token_ids_key!r} must name a batch key other than "
                        "'image' and 'label'")
     config_lib.check_int(mc.vocab_size, "method.vocab_size", 2)
+    _check_token_ids_file(config)
     return
+  path = config.data.get("token_ids_file")
+  if path is not None:
+    raise ValueError(f"{token_ids_lib.CONFIG_KEY}={path!r}, but BEiT reads its targets from "
+                     f"config.method.tokenizer; set config.method.token_ids_key={token_ids_lib.BATCH_KEY!r} (and "
+                     "no tokenizer) to train on the file's ids")
   _check_tokenizer(config)
   _check_tokenizer_is_loaded(config)
+
+
+def _check_token_ids_file(config) -> None:
+  """The ids of ``config.data.token_ids_file`` (if set) land in the batch key BEiT reads, on its patch grid, in
+  its vocabulary (the file is scanned once: a wrong id would otherwise surface as a NaN loss)."""
+  mc, path = config.method, config.data.get("token_ids_file")
+  if path is None:
+    return
+  where = f"{token_ids_lib.CONFIG_KEY}={path!r}"
+  if mc.token_ids_key != token_ids_lib.BATCH_KEY:
+    raise ValueError(f"config.method.token_ids_key={mc.token_ids_key!r}, but the data pipeline delivers the ids "
+                     f"of {where} as {token_ids_lib.BATCH_KEY!r}")
+  grid, shape = _grid(config), token_ids_lib.open_ids(path).shape
+  if shape[-2:] != (grid, grid):
+    raise ValueError(f"{where} has shape {shape}, ids on a {shape[-2]}x{shape[-1]} grid, but "
+                     f"config.model.variant={config.model.variant!r} at config.data.image_size="
+                     f"{config.data.image_size} has a {grid}x{grid} patch grid")
+  low, high = token_ids_lib.id_range(path)
+  if low < 0 or high >= mc.vocab_size:
+    raise ValueError(f"{where} holds ids from {low} to {high}, outside [0, config.method.vocab_size="
+                     f"{mc.vocab_size})")
 
 
 def _check_tokenizer(config) -> None:
