@@ -52,6 +52,7 @@ from sslx.pretext import regions
 DISCRIMINATOR = "discriminator"
 DISCRIMINATOR_DEPTH = 3
 LEAKY_SLOPE = 0.2  # the reference discriminator's LeakyReLU
+PIXEL_KERNEL_AXES = (None, None, "conv_in", None)
 
 
 class PatchPixelHead(nn.Module):
@@ -84,9 +85,11 @@ class UpconvDecoder(nn.Module):
     for i in range(self.num_upsamples):
       last = i == self.num_upsamples - 1
       features = self.channels if last else max(self.width // 2 ** (i + 1), 1)
+      # The pixels' 1 or 3 channels stay whole on every device: FSDP cannot split them.
+      kernel_axes, bias_axes = (PIXEL_KERNEL_AXES, (None,)) if last else (resnet.CONV_AXES, resnet.CHANNEL_AXES)
       x = nn.ConvTranspose(features, (4, 4), strides=(2, 2), padding="SAME", dtype=self.dtype,
-                           kernel_init=vit.partitioned(resnet.conv_init, resnet.CONV_AXES),
-                           bias_init=vit.partitioned(nn.initializers.zeros, resnet.CHANNEL_AXES),
+                           kernel_init=vit.partitioned(resnet.conv_init, kernel_axes),
+                           bias_init=vit.partitioned(nn.initializers.zeros, bias_axes),
                            name=f"upconv_{i}")(x)
       if not last:
         x = nn.relu(x)
