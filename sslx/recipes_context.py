@@ -19,6 +19,7 @@ from sslx import config_args
 from sslx import methods
 from sslx import models
 from sslx import recipes
+from sslx import recipes_pretext
 
 # Doersch's jitter: a random integer in [-7, 7] per patch and axis, on 96 px patches.
 DOERSCH_PATCH, DOERSCH_GAP, DOERSCH_JITTER = 96, 48, 7
@@ -28,35 +29,11 @@ PATHAK_CROP_SCALE = (0.10, (128 / 350) ** 2)
 
 
 def _fashion_mnist(method: str, resnet: bool) -> ml_collections.ConfigDict:
-  """``method`` on Fashion-MNIST with the quick start's ViT-Ti/4 (4 blocks) or, with ``resnet``, the
-  contrastive recipes' ResNet-18 (small-image stem, width 32: 256 features); the quick start's run
-  (`recipes.fashion_mnist_run`: batch 256, 2 epochs, AdamW lr 1e-3 after a 0.2-epoch warm-up, then
-  half-cosine), its view (a random resized crop of 35-100%, flips) and its kNN / linear-probe report.
-  Unlocked."""
-  quickstart = recipes.mae_fashion_mnist()
-  config = config_lib.base_config()
-  if resnet:
-    config.model = models.default_config("resnet", variant="18", small_images=True, width=32)
-  else:
-    config.model = quickstart.model
-  config.method = methods.default_config(method)
-  config.data.augment = quickstart.data.augment
-  recipes.fashion_mnist_run(config)
-  for section in ("eval", "monitor"):
-    config[section] = quickstart[section]
+  """`recipes_pretext.fashion_mnist_pretext` with the quick start's view (a random resized crop of 35-100%,
+  flips). Unlocked."""
+  config = recipes_pretext.fashion_mnist_pretext(method, "resnet" if resnet else "vit")
+  config.data.augment = recipes.mae_fashion_mnist().data.augment
   return config
-
-
-def _shrink_for_tests(config: ml_collections.ConfigDict) -> None:
-  """``:test``: `recipes.shrink_test_run` (6 steps at batch 32) with a one-block ViT of width 32 or a
-  ResNet-18 of width 8."""
-  recipes.shrink_test_run(config)
-  if config.model.name == "vit":
-    config.model.update(dict(depth=1, width=32, num_heads=2, mlp_dim=64))
-  else:
-    config.model.width = 8
-  config.eval.batch_size = 100
-  config.monitor.probe_batch_size = 8
 
 
 def relpos_fashion_mnist(arg: str | None) -> ml_collections.ConfigDict:
@@ -80,7 +57,7 @@ def relpos_fashion_mnist(arg: str | None) -> ml_collections.ConfigDict:
   config.monitor.probe_batch_size = 64
   config.num_epochs = args.epochs
   if args.test:
-    _shrink_for_tests(config)
+    recipes_pretext.shrink_for_tests(config)
     config.method.head_hidden_dims = (32,)
   return config_lib.finalize(config)
 
@@ -143,7 +120,7 @@ def inpainting_fashion_mnist(arg: str | None) -> ml_collections.ConfigDict:
                             discriminator_width=32))
   config.num_epochs = args.epochs
   if args.test:
-    _shrink_for_tests(config)
+    recipes_pretext.shrink_for_tests(config)
     config.method.update(dict(decoder_width=16, discriminator_width=8))
     config.viz_every_steps = 3
   return config_lib.finalize(config)

@@ -20,7 +20,7 @@ from sslx import recipes
 DECAY_EVERY_PARAMETER = ((".*", 1.0),)
 
 
-def _fashion_mnist(method: str, encoder: str) -> ml_collections.ConfigDict:
+def fashion_mnist_pretext(method: str, encoder: str) -> ml_collections.ConfigDict:
   """``method`` on Fashion-MNIST with the quick start's ViT-Ti/4 (4 blocks) or, with ``encoder='resnet'``,
   the contrastive recipes' ResNet-18 (small-image stem, width 32: 256 features); the quick start's run
   (`recipes.fashion_mnist_run`: batch 256, 2 epochs, AdamW lr 1e-3 after a 0.2-epoch warm-up, then
@@ -51,15 +51,15 @@ def shrink_for_tests(config: ml_collections.ConfigDict) -> None:
 
 
 def rotation_fashion_mnist(arg: str | None) -> ml_collections.ConfigDict:
-  """RotNet on 28 px Fashion-MNIST (`_fashion_mnist`): the four rotations of each image (1024 encoder inputs
-  a step), a linear head. The view is the quick start's, a random resized crop of 35-100% of the area and a
+  """RotNet on 28 px Fashion-MNIST (`fashion_mnist_pretext`): the four rotations of each image (1024 encoder
+  inputs a step), a linear head. The view is the quick start's, a random resized crop of 35-100% of the area and a
   horizontal flip (RotNet's ImageNet view, with the quick start's milder scale for 28 px garments).
 
   Arguments: ``resnet`` (the ResNet-18 instead of the ViT), ``epochs=N`` (default 2), ``test``
   (`shrink_for_tests`).
   """
   args = config_args.parse_arg(arg, resnet=False, epochs=2, test=False)
-  config = _fashion_mnist("rotation", "resnet" if args.resnet else "vit")
+  config = fashion_mnist_pretext("rotation", "resnet" if args.resnet else "vit")
   config.data.augment.update(dict(crop_scale=(0.35, 1.0), hflip=True))
   config.num_epochs = args.epochs
   if args.test:
@@ -68,7 +68,7 @@ def rotation_fashion_mnist(arg: str | None) -> ml_collections.ConfigDict:
 
 
 def jigsaw_fashion_mnist(arg: str | None) -> ml_collections.ConfigDict:
-  """Jigsaw puzzles on Fashion-MNIST (`_fashion_mnist`), images upsampled from 28 to 48 px.
+  """Jigsaw puzzles on Fashion-MNIST (`fashion_mnist_pretext`), images upsampled from 28 to 48 px.
 
   Why 48: 28 px does not split into 3 x 3 cells (9 px cells and a 1 px rest), and a tile of a 9 px cell
   would be at most 2 x 2 patches of 4 px with no room for the random gap between tiles. At 48 px the cells are
@@ -84,7 +84,7 @@ def jigsaw_fashion_mnist(arg: str | None) -> ml_collections.ConfigDict:
   Arguments: ``resnet``, ``epochs=N`` (default 2), ``test``, as `rotation_fashion_mnist`.
   """
   args = config_args.parse_arg(arg, resnet=False, epochs=2, test=False)
-  config = _fashion_mnist("jigsaw", "resnet" if args.resnet else "vit")
+  config = fashion_mnist_pretext("jigsaw", "resnet" if args.resnet else "vit")
   config.data.image_size = 48
   config.data.augment.update(dict(crop_scale=(0.6, 1.0), hflip=False))
   config.method.update(dict(num_permutations=100, tile_size=12, channel_jitter=0, tile_dim=None,
