@@ -52,8 +52,8 @@ def shrink_for_tests(config: ml_collections.ConfigDict) -> None:
 
 def rotation_fashion_mnist(arg: str | None) -> ml_collections.ConfigDict:
   """RotNet on 28 px Fashion-MNIST (`fashion_mnist_pretext`): the four rotations of each image (1024 encoder
-  inputs a step), a linear head. The view is the quick start's, a random resized crop of 35-100% of the area and a
-  horizontal flip (RotNet's ImageNet view, with the quick start's milder scale for 28 px garments).
+  inputs a step), a linear head. The view is the quick start's, a random resized crop of 35-100% of the area
+  and a horizontal flip (RotNet's ImageNet view, with the quick start's milder scale for 28 px garments).
 
   Arguments: ``resnet`` (the ResNet-18 instead of the ViT), ``epochs=N`` (default 2), ``test``
   (`shrink_for_tests`).
