@@ -9,11 +9,6 @@ import pytest
 
 import contrastive_helpers as helpers
 from sslx import checks
-from sslx import config as config_lib
-from sslx import methods
-from sslx import models
-from sslx import optim
-from sslx.data import pipeline
 from sslx.methods import RunLength
 from sslx.methods import inpainting
 from sslx.pretext import regions
@@ -268,15 +263,6 @@ def test_bad_resnet_configs_name_the_key(overrides, message):
     checks.validate_run_config(_config(resnet=True, **overrides))
 
 
-def _validate_without_data(config):
-  """Every check of `checks.validate_run_config` but opening the data (ImageNet is not on this machine)."""
-  config_lib.validate_config(config)
-  pipeline.validate_data_values(config.data)
-  models.validate_config(config.model, config.data.image_size)
-  methods.validate_config(config)
-  optim.validate_optimizer_config(config)
-
-
 def test_recipes():
   config = load_config(CONFIG)
   assert (config.batch_size, config.num_epochs, config.model.variant, config.method.region) == (
@@ -291,7 +277,7 @@ def test_recipes():
   assert (adversarial.method.adversarial_weight, adversarial.optimizer.lr_mults) == (
       0.001, (("discriminator/.*", 0.1),))
   for variant in (imagenet, adversarial, load_config("inpainting_imagenet", "local,adversarial")):
-    _validate_without_data(variant)
+    helpers.validate_without_data(variant)
 
 
 @pytest.fixture(scope="module")

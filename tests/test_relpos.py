@@ -9,11 +9,8 @@ import pytest
 
 import contrastive_helpers as helpers
 from sslx import checks
-from sslx import config as config_lib
 from sslx import methods
 from sslx import models
-from sslx import optim
-from sslx.data import pipeline
 from sslx.methods import RunLength
 from sslx.methods import relpos
 from sslx.pretext import context
@@ -220,15 +217,6 @@ def test_bad_configs_name_the_key(overrides, message):
     checks.validate_run_config(_config(**overrides))
 
 
-def _validate_without_data(config):
-  """Every check of `checks.validate_run_config` but opening the data (ImageNet is not on this machine)."""
-  config_lib.validate_config(config)
-  pipeline.validate_data_values(config.data)
-  models.validate_config(config.model, config.data.image_size)
-  methods.validate_config(config)
-  optim.validate_optimizer_config(config)
-
-
 def test_recipes():
   config = load_config(CONFIG)
   assert (config.batch_size, config.num_epochs, config.data.image_size, config.model.variant) == (
@@ -243,7 +231,7 @@ def test_recipes():
   opt = imagenet.optimizer
   assert (opt.name, opt.momentum, opt.weight_decay) == ("sgd", 0.0, 0.0)
   for variant in (imagenet, load_config("relpos_imagenet", "local")):
-    _validate_without_data(variant)
+    helpers.validate_without_data(variant)
 
 
 @pytest.fixture(scope="module")
