@@ -9,7 +9,9 @@ nothing here; its blur (a 3 px kernel at 28 px) is left out, as SimCLR leaves it
 Measured on 2 shared CPU cores: ~78 images/s (each image's two views through encoder and head, forward and
 backward), so ~26 minutes for the 2 epochs.
 
-Arguments: ``epochs=N`` (default 2); ``test``: 6 steps of a ResNet-18 of width 8 at batch 32, for the tests.
+Arguments: ``epochs=N`` (default 2); ``vit``: the quick start's ViT-Ti/4 (4 blocks) under AdamW instead
+(`sslx.recipes.simclr_vit_fashion_mnist`), for the table beside MAE and the pretext tasks; ``test``: 6 steps of
+a ResNet-18 of width 8 (or a one-block ViT of width 32) at batch 32, for the tests.
 """
 from sslx import config as config_lib
 from sslx import config_args
@@ -17,9 +19,11 @@ from sslx import recipes
 
 
 def get_config(arg=None):
-  args = config_args.parse_arg(arg, epochs=2, test=False)
-  config = recipes.simclr_fashion_mnist()
+  args = config_args.parse_arg(arg, epochs=2, vit=False, test=False)
+  config = recipes.simclr_vit_fashion_mnist() if args.vit else recipes.simclr_fashion_mnist()
   config.num_epochs = args.epochs
   if args.test:
     recipes.shrink_fashion_mnist_for_tests(config)
+    if args.vit:
+      config.model.update(dict(width=32, depth=1, num_heads=2, mlp_dim=64))
   return config_lib.finalize(config)

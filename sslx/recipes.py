@@ -326,6 +326,18 @@ def simclr_fashion_mnist() -> ml_collections.ConfigDict:
   return config
 
 
+def simclr_vit_fashion_mnist() -> ml_collections.ConfigDict:
+  """SimCLR on Fashion-MNIST with the quick start's encoder (`mae_fashion_mnist`: a ViT-Ti/4 of 4 blocks), so
+  it sits on one table with MAE and the pretext tasks: `simclr_fashion_mnist`'s views, head and temperature,
+  and MoCo v3's ViT optimizer (LARS is a ResNet recipe): AdamW lr 1e-3 x batch / 256, betas (0.9, 0.999),
+  weight decay 0.1 on every parameter, a 0.2-epoch warm-up. Chosen for a CPU run, not tuned. Unlocked."""
+  config = simclr_fashion_mnist()
+  config.model = mae_fashion_mnist().model
+  config.optimizer.update(dict(name="adamw", base_lr=1e-3, lr_batch_base=256, b1=0.9, b2=0.999,
+                               weight_decay=0.1, wd_mults=((".*", 1.0),)))
+  return config
+
+
 def mocov2_fashion_mnist() -> ml_collections.ConfigDict:
   """MoCo v2 on Fashion-MNIST (`_contrastive_fashion_mnist`): a queue of 4096 keys (16 batches, 7% of the
   training set), key momentum 0.99 (0.999 would average over more steps than the 468 of the run),

@@ -45,6 +45,18 @@ def test_embed_reads_the_encoder_features_before_the_head():
   np.testing.assert_array_equal(features, pooled)
 
 
+def test_vit_variant_embeds_the_class_token_and_takes_a_gradient_step():
+  config = load_config(CONFIG, "vit,test")
+  assert config.model.name == "vit" and config.optimizer.name == "adamw"
+  method = methods.build_method(config)
+  views = helpers.random_views(4, seed=0)
+  variables, method_state = method.init(jax.random.PRNGKey(0), {"image": views["view_0"]})
+  variables = nn.unbox(variables)
+  assert method.embed(variables, method_state, views["view_0"]).shape == (4, 32)  # the one-block ViT's width
+  grads = jax.grad(lambda v: method.loss_fn(v, method_state, views, jax.random.PRNGKey(1))[0])(variables)
+  assert all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(grads["params"]))
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("data.views", ("random_resized_crop(28)",), r"consumes 2 views but config\.data\.views="),
     ("data.views", None, r"consumes 2 views but config\.data\.views=None"),
