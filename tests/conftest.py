@@ -18,6 +18,9 @@ os.environ["XLA_FLAGS"] = " ".join(
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_REPO, ".pytest_cache", "jax_compilation_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Jigsaw's permutation sets are cached under $SSLX_CACHE_DIR (default ~/.cache/sslx); the suite, its CLI
+# subprocesses included, keeps them inside the checkout instead of the user's home.
+os.environ["SSLX_CACHE_DIR"] = os.path.join(_REPO, ".pytest_cache", "sslx_cache")
 
 
 def tiny_mae_config() -> ml_collections.ConfigDict:
