@@ -45,7 +45,7 @@ def test_embed_reads_the_encoder_features_before_the_head():
   np.testing.assert_array_equal(features, pooled)
 
 
-def test_vit_variant_embeds_the_class_token_and_takes_a_gradient_step():
+def test_vit_variant_embeds_and_every_parameter_gets_a_gradient():
   config = load_config(CONFIG, "vit,test")
   assert config.model.name == "vit" and config.optimizer.name == "adamw"
   method = methods.build_method(config)
