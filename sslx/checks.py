@@ -44,20 +44,21 @@ def validate_workdir(workdir) -> None:
     raise ConfigError(f"--workdir={workdir!r}: {existing} is not writable")
 
 
-def validate_run_config(config) -> None:
+def validate_run_config(config, *, open_data: bool = True) -> None:
   """Raises a `ConfigError` naming the first bad key of a training run (pretraining or fine-tuning).
 
   The data section's values go first, since the encoder's and the method's checks read its image size and
   channels; the method is then built (cheap: no parameters) to learn how many views it consumes; the data
-  itself is opened last (missing data raises FileNotFoundError).
+  itself is opened last (missing data raises FileNotFoundError), unless ``open_data`` is False (a config for
+  data this machine does not hold).
   """
   try:
-    _validate_sections(config)
+    _validate_sections(config, open_data)
   except ValueError as error:  # each section's module raises plain ValueErrors
     raise ConfigError(str(error)) from error
 
 
-def _validate_sections(config) -> None:
+def _validate_sections(config, open_data: bool) -> None:
   config_lib.validate_config(config)
   if config.method.name not in methods.known_methods():
     raise ValueError(f"config.method.name={config.method.name!r} is not one of {methods.known_methods()}")
@@ -67,7 +68,8 @@ def _validate_sections(config) -> None:
   optim.validate_optimizer_config(config)
   init_from.parse_mappings(config.init_from)
   validate_views(config, methods.build_method(config).num_views)
-  pipeline.check_splits_exist(config.data)
+  if open_data:
+    pipeline.check_splits_exist(config.data)
 
 
 def validate_views(config, num_views: int) -> None:

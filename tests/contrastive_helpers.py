@@ -11,11 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from sslx import config as config_lib
 from sslx import methods
-from sslx import models
-from sslx import optim
-from sslx.data import pipeline
 
 from test_configs import load_config
 
@@ -192,13 +188,3 @@ def per_view_reference(fresh, online, target):
   second, stats = run(online, {**variables, **stats}, batch["view_1"])
   targets = [run(target, method_state["target"], batch[f"view_{i}"])[0] for i in range(2)]
   return (first, second), stats, targets
-
-
-def validate_without_data(config):
-  """Every check of `checks.validate_run_config` but opening the data (for ImageNet configs on a machine without
-  ImageNet)."""
-  config_lib.validate_config(config)
-  pipeline.validate_data_values(config.data)
-  models.validate_config(config.model, config.data.image_size)
-  methods.validate_config(config)
-  optim.validate_optimizer_config(config)

@@ -231,7 +231,7 @@ def test_recipes():
   opt = imagenet.optimizer
   assert (opt.name, opt.momentum, opt.weight_decay) == ("sgd", 0.0, 0.0)
   for variant in (imagenet, load_config("relpos_imagenet", "local")):
-    helpers.validate_without_data(variant)
+    checks.validate_run_config(variant, open_data=False)  # ImageNet is not on this machine
 
 
 @pytest.fixture(scope="module")
