@@ -241,6 +241,15 @@ def validate_layer_decay(layer_decay: Optional[float]) -> None:
     raise ValueError(f"config.optimizer.layer_decay={layer_decay} must lie in (0, 1] (or be None: off)")
 
 
+def _check_layer_decay_has_blocks(config) -> None:
+  """Layer-wise decay numbers the layers by a ViT's blocks; another encoder (a ResNet) has none, and the
+  optimizer would only fail once the training step is traced."""
+  layer_decay, model = _option(config, "layer_decay"), config.get("model", {}).get("name", "vit")
+  if layer_decay is not None and model != "vit":
+    raise ValueError(f"config.optimizer.layer_decay={layer_decay} needs a ViT's blocks; config.model.name="
+                     f"{model!r} has none (set it to None)")
+
+
 def _validate_pattern(key: str, pattern) -> None:
   if not isinstance(pattern, str):
     raise ValueError(f"config.optimizer.{key}: {pattern!r} is not a regular expression string")
@@ -307,6 +316,7 @@ def validate_optimizer_config(config) -> None:
   for pattern in _option(config, "frozen"):
     _validate_pattern("frozen", pattern)
   validate_layer_decay(_option(config, "layer_decay"))
+  _check_layer_decay_has_blocks(config)
   _check_rules_fit_stacked_blocks(config)
   for key in ("warmup_epochs", "min_lr"):
     value = config.schedule.get(key)

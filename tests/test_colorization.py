@@ -226,6 +226,14 @@ def test_bad_configs_name_the_key(overrides, message):
     checks.validate_run_config(helpers.tiny_config(CONFIG, **{"data.data_dir": "unused", **overrides}))
 
 
+def test_batchnorm_groups_must_split_the_batch():
+  config = helpers.load_config(CONFIG, "test,encoder=resnet")
+  config.unlock()
+  config.data.data_dir, config.model.bn_groups = "unused", 3
+  with pytest.raises(checks.ConfigError, match=r"config\.model\.bn_groups=3 must split the 32 rows"):
+    checks.validate_run_config(config)
+
+
 def test_a_prior_file_of_the_wrong_size_is_named(tmp_path):
   path = tmp_path / "prior.npy"
   np.save(path, np.ones(313))

@@ -263,6 +263,11 @@ def test_bad_resnet_configs_name_the_key(overrides, message):
     checks.validate_run_config(_config(resnet=True, **overrides))
 
 
+def test_batchnorm_groups_must_split_the_batch():
+  with pytest.raises(checks.ConfigError, match=r"config\.model\.bn_groups=3 must split the 32 rows"):
+    checks.validate_run_config(_config(resnet=True, **{"model.bn_groups": 3}))
+
+
 def test_recipes():
   config = load_config(CONFIG)
   assert (config.batch_size, config.num_epochs, config.model.variant, config.method.region) == (

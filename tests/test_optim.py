@@ -347,6 +347,14 @@ def test_unknown_optimizer_message_lists_the_choices():
   assert str(error.value) == "config.optimizer.name='adam' is not one of ('adamw', 'lars', 'sgd')"
 
 
+def test_layer_decay_needs_a_vit_encoder():
+  """A ResNet has no blocks to number: refused by the validation, not when the step is traced."""
+  config = _config(layer_decay=0.75)
+  config.model = ml_collections.ConfigDict(dict(name="resnet"))
+  with pytest.raises(ValueError, match=r"config\.optimizer\.layer_decay=0\.75 needs a ViT's blocks"):
+    optim.validate_optimizer_config(config)
+
+
 def test_valid_rules_from_json_lists_pass():
   # A run's config.json turns the tuples into lists; frozen patterns that match nothing are fine.
   optim.validate_optimizer_config(_config(wd_mults=[[".*/kernel$", 1]], frozen=["nothing/.*"],

@@ -105,6 +105,21 @@ def test_bad_configs_name_the_key(overrides, message):
     checks.validate_run_config(config)
 
 
+def test_each_half_must_be_a_valid_encoder():
+  """A sin-cos ViT of width 4 is valid, its half of width 2 is not."""
+  config = helpers.tiny_config(CONFIG, **{"data.data_dir": "unused", "model.width": 4})
+  with pytest.raises(checks.ConfigError, match=r"config\.model: each split-brain half .*width=2 must be"):
+    checks.validate_run_config(config)
+
+
+def test_batchnorm_groups_must_split_the_batch_each_half_reads():
+  config = helpers.load_config(CONFIG, "test,encoder=resnet")
+  config.unlock()
+  config.data.data_dir, config.model.bn_groups = "unused", 3
+  with pytest.raises(checks.ConfigError, match=r"config\.model\.bn_groups=3 must split the 32 rows"):
+    checks.validate_run_config(config)
+
+
 def test_cli_run_on_an_image_folder_resumes_exactly(tmp_path_factory, tmp_path):
   workdir, data_dir = folder_run(CONFIG, tmp_path_factory)
   rows = helpers.rows(workdir)

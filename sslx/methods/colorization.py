@@ -39,6 +39,7 @@ from ml_collections.config_dict import placeholder
 from sslx import config as config_lib
 from sslx import models
 from sslx.methods import Method, RunLength, apply_train, subtree_variables
+from sslx.models import heads
 from sslx.pretext import ab_bins
 from sslx.pretext.lab import lab_to_rgb, rgb_to_lab
 
@@ -57,7 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate_colour_keys(config, method: str) -> None:
-  """Checks the keys colorization and split-brain share, and that the data are RGB."""
+  """Checks the keys colorization and split-brain share, that the data are RGB, and that BatchNorm groups
+  split the batch (each encoder, split-brain's two halves included, reads it in one pass)."""
   mc = config.method
   if config.data.channels != 3:
     raise ValueError(f"config.data.channels={config.data.channels}: {method} needs RGB images (3 channels) "
@@ -76,6 +78,7 @@ def validate_colour_keys(config, method: str) -> None:
   config_lib.check_number(mc.sigma, "method.sigma", lambda v: v > 0, "> 0")
   config_lib.check_number(mc.grey_threshold, "method.grey_threshold", lambda v: v >= 0, ">= 0")
   config_lib.check_number(mc.temperature, "method.temperature", lambda v: v > 0, "> 0")
+  heads.check_bn_groups(config, config.batch_size, f"config.batch_size={config.batch_size}")
 
 
 def validate_config(config) -> None:

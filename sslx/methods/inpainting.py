@@ -132,7 +132,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def validate_config(config) -> None:
-  """Raises a ValueError naming the first bad ``config.method`` key."""
+  """Raises a ValueError naming the first bad ``config.method`` key (or ``config.model.bn_groups``)."""
   method, size = config.method, config.data.image_size
   config_lib.check_section_keys(method, default_config(), "method", "context encoder")
   if method.region not in regions.REGIONS:
@@ -156,6 +156,7 @@ def validate_config(config) -> None:
     upsamples = method.decoder_upsamples
     raise ValueError(f"config.method.decoder_upsamples={upsamples}: 2^{upsamples} does not divide "
                      f"config.data.image_size={size}")
+  heads.check_bn_groups(config, config.batch_size, f"config.batch_size={config.batch_size}")
 
 
 def generator_from_config(config) -> ContextEncoder:

@@ -72,7 +72,14 @@ def validate_config(config) -> None:
   config_lib.check_section_keys(config.method, default_config(), "method", "split-brain")
   config_lib.check_int(config.method.l_bins, "method.l_bins", 2)
   colour.validate_colour_keys(config, "split-brain")
-  half_model_config(config.model)
+  half = half_model_config(config.model)
+  # The full width passed the encoder's checks; its half must pass them too (a sin-cos ViT needs a width
+  # divisible by 4, so a full width of 4 has a half of 2 that does not build).
+  try:
+    models.validate_config(half, config.data.image_size)
+  except ValueError as error:
+    raise ValueError(f"config.model: each split-brain half is this encoder at half width, and that half is "
+                     f"not a valid encoder: {error}") from None
 
 
 def l_bin_labels(lightness, num_bins: int):

@@ -41,8 +41,14 @@ def channel_sums(x: jax.Array) -> jax.Array:
   return jnp.sum(per_position.reshape(-1, x.shape[-1]), axis=0)
 
 
+def _rows(x) -> float:
+  """``n``, the rows per channel, as a float: past 2**31 rows (a large batch of large images) a Python int
+  is no int32 JAX can take, and the sums it divides are float32 anyway."""
+  return float(x.size // x.shape[-1])
+
+
 def _moments(x):
-  n = x.size // x.shape[-1]
+  n = _rows(x)
   mean = channel_sums(x) / n
   centered = x - mean
   return centered, mean, channel_sums(jnp.square(centered)) / n
@@ -74,7 +80,7 @@ def _backward(epsilon, residuals, cotangents):
   x_hat = (x - mean) * inv_std
   d_bias = channel_sums(grads)
   d_scale = channel_sums(grads * x_hat)
-  d_x = (scale * inv_std) * (grads - (d_bias + x_hat * d_scale) / (x.size // x.shape[-1]))
+  d_x = (scale * inv_std) * (grads - (d_bias + x_hat * d_scale) / _rows(x))
   return d_x, d_scale, d_bias
 
 
