@@ -31,14 +31,7 @@ from sslx.evaluate import run as eval_run
 from sslx.models import vit
 
 _POOLINGS = ("cls", "mean")
-_RUNS = flags.DEFINE_multi_string("runs", [], "Pretraining workdirs (ViT encoders) to score block by block.")
-_POOLING = flags.DEFINE_enum("pooling", "cls", _POOLINGS, "The token read after each block.")
-_EMBED_FROM = flags.DEFINE_string("embed_from", None, "The runs' network to score (e.g. student, target); "
-                                  "None: each run's own.")
-_RANDOM_INIT = flags.DEFINE_bool("random_init", False, "Also score a random initialisation of the first run's "
-                                 "config (its seed).")
-_K = flags.DEFINE_integer("k", 20, "Neighbours of the weighted kNN.")
-_JSON_OUT = flags.DEFINE_string("json_out", None, "Append one JSON line per block to this file.")
+FLAGS = flags.FLAGS
 
 
 def pooled_block_tokens(embed, pooling: str, variables, method_state, images) -> list:
@@ -86,29 +79,40 @@ def score_blocks(embed, state, data_config, eval_config, pooling: str) -> list[d
   return rows
 
 
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs: tests import this module beside other scripts' flags."""
+  flags.DEFINE_multi_string("runs", [], "Pretraining workdirs (ViT encoders) to score block by block.")
+  flags.DEFINE_enum("pooling", "cls", _POOLINGS, "The token read after each block.")
+  flags.DEFINE_string("embed_from", None, "The runs' network to score (e.g. student, target); None: each run's own.")
+  flags.DEFINE_bool("random_init", False, "Also score a random initialisation of the first run's config (its seed).")
+  flags.DEFINE_integer("k", 20, "Neighbours of the weighted kNN.")
+  flags.DEFINE_string("json_out", None, "Append one JSON line per block to this file.")
+
+
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every restore step at INFO
-  if not _RUNS.value:
+  if not FLAGS.runs:
     raise app.UsageError("Give at least one --runs=<pretraining workdir>.")
   eval_config = config_lib.base_config().eval
-  eval_config.update(dict(knn_ks=(_K.value,), probe="logistic", probe_l2=None, max_train_examples=None))
+  eval_config.update(dict(knn_ks=(FLAGS.k,), probe="logistic", probe_l2=None, max_train_examples=None))
   runs = []
-  if _RANDOM_INIT.value:
-    first_config = init_from.load_run_config(_RUNS.value[0])
+  if FLAGS.random_init:
+    first_config = init_from.load_run_config(FLAGS.runs[0])
     method, state = eval_run.random_init(first_config, first_config.seed)
     runs.append(("random init", first_config, method, state))
-  for workdir in _RUNS.value:
-    runs.append((workdir, *eval_run.restored_run(workdir, embed_from=_EMBED_FROM.value)))
-  print(f"| run | block | pooling | kNN top-1 (k={_K.value}) | linear top-1 | probe L2 |\n|---|---|---|---|---|---|")
+  for workdir in FLAGS.runs:
+    runs.append((workdir, *eval_run.restored_run(workdir, embed_from=FLAGS.embed_from)))
+  print(f"| run | block | pooling | kNN top-1 (k={FLAGS.k}) | linear top-1 | probe L2 |\n|---|---|---|---|---|---|")
   for name, run_config, method, state in runs:
-    for scores in score_blocks(method.embed, state, run_config.data, eval_config, _POOLING.value):
-      print(f"| {name} | {scores['block']} | {_POOLING.value} | {scores[f'knn{_K.value}_top1']:.2f}% | "
+    for scores in score_blocks(method.embed, state, run_config.data, eval_config, FLAGS.pooling):
+      print(f"| {name} | {scores['block']} | {FLAGS.pooling} | {scores[f'knn{FLAGS.k}_top1']:.2f}% | "
             f"{scores['linear_top1']:.2f}% | {scores['linear_l2']:.0e} |", flush=True)
-      if _JSON_OUT.value:
-        with open(_JSON_OUT.value, "a", encoding="utf-8") as f:
-          f.write(json.dumps({"features": name, "pooling": _POOLING.value, **scores}) + "\n")
+      if FLAGS.json_out:
+        with open(FLAGS.json_out, "a", encoding="utf-8") as f:
+          f.write(json.dumps({"features": name, "pooling": FLAGS.pooling, **scores}) + "\n")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
